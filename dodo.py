@@ -1,0 +1,80 @@
+"""doit task graph: wiring only. Stage code lives in tasks/; nothing heavy is imported here.
+
+    doit                              build everything that is stale (default config pipeline.toml)
+    doit config=other.toml            another config (its build.dir keeps the outputs apart)
+    doit finetune.rank=16             override any config key from the command line
+    doit list / info -s finetune / clean export
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from doit import get_var
+from doit.tools import config_changed
+
+from tasks.cli_vars import config_overrides
+from tasks.config import load_config
+from tasks.errors import PipelineError
+from tasks.paths import Paths
+from tasks.stages import STAGES, config_fingerprint
+
+ROOT = Path(__file__).resolve().parent
+CONFIG = get_var("config", "pipeline.toml")
+OVERRIDES = config_overrides()
+try:
+    CFG = load_config(ROOT / CONFIG, OVERRIDES)
+except PipelineError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(exc.exit_code)
+PATHS = Paths.of(ROOT, CFG)
+PATHS.build.mkdir(parents=True, exist_ok=True)
+
+DOIT_CONFIG = {
+    # Explicit backend: the default (dbm) differs between interpreters; sqlite3 commits atomically.
+    "backend": "sqlite3",
+    "dep_file": str(PATHS.doit_db),
+    "default_tasks": [s.name for s in STAGES],
+    "verbosity": 2,
+    "action_string_formatting": "new",
+}
+STAGE_CMD = [sys.executable, "-m", "tasks"]
+CONFIG_ARGS = ["--config", CONFIG, "--root", str(ROOT)] + [a for o in OVERRIDES for a in ("--set", o)]
+
+
+def task_check():
+    """Validate the dataset and input files before any stage runs."""
+    files = [str(PATHS.data(CFG.data.path)), str(PATHS.data(CFG.quantize.calibration))]
+    return {
+        "actions": [STAGE_CMD + ["check"] + CONFIG_ARGS],
+        "file_dep": files,
+        "uptodate": [config_changed(CFG.model_dump_json())],
+        "verbosity": 2,
+    }
+
+
+def _stage_task(stage):
+    def make():
+        file_dep = [str(PATHS.manifest(up)) for up in stage.upstream]
+        file_dep += [str(PATHS.data(f)) for f in stage.files(CFG)]
+        file_dep += [str(ROOT / code) for code in stage.code + COMMON_CODE]
+        return {
+            "doc": stage.doc,
+            "actions": [STAGE_CMD + ["stage", stage.name] + CONFIG_ARGS],
+            "file_dep": file_dep,
+            "task_dep": ["check"],
+            "targets": [str(PATHS.manifest(stage.name))],
+            "uptodate": [config_changed(config_fingerprint(CFG, stage))],
+            "clean": [(shutil.rmtree, [str(PATHS.stage(stage.name)), True])],
+            "verbosity": 2,
+        }
+    make.__name__ = f"task_{stage.name}"
+    make.__doc__ = stage.doc
+    return make
+
+
+from tasks.stages import COMMON_CODE  # noqa: E402
+
+for _stage in STAGES:
+    globals()[f"task_{_stage.name}"] = _stage_task(_stage)

@@ -1,0 +1,61 @@
+"""Command line: ``python -m tasks stage NAME`` (what doit runs), ``check``, ``chat``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tasks.errors import PipelineError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("stage", "build one stage (doit calls this)"), ("check", "validate config and inputs")):
+        p = sub.add_parser(name, help=help_text)
+        if name == "stage":
+            p.add_argument("name")
+        p.add_argument("--config", default="pipeline.toml")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. finetune.rank=16")
+        p.add_argument("--root", default=".", help="project root that relative paths start from")
+    p = sub.add_parser("chat", help="chat with a built package")
+    p.add_argument("--package", default="build/tiny/package", type=Path)
+    p.add_argument("--adapter", default=None, help="adapter name (default: the only one in the package)")
+    p.add_argument("--no-adapter", action="store_true", help="use the base model only")
+    p.add_argument("--prompt", default=None, help="answer this one prompt and exit")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--target", choices=("cpu", "cuda"), default="cpu")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "chat":
+            from tasks.chat import chat, find_adapters
+
+            adapter = None if args.no_adapter else (args.adapter or next(iter(find_adapters(args.package)), None))
+            return chat(args.package, adapter, args.prompt, args.max_new_tokens, args.target)
+        from tasks.config import load_config
+        from tasks.paths import Paths
+
+        root = Path(args.root)
+        cfg = load_config(root / args.config, args.set)
+        paths = Paths.of(root, cfg)
+        if args.command == "check":
+            from tasks.preflight import preflight
+
+            preflight(cfg, paths)
+            return 0
+        from tasks.runner import run_stage
+
+        run_stage(args.name, cfg, paths)
+        return 0
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; the previous output of this stage is untouched", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Stage 1, base model: build the tiny Phi-3 locally, or fetch a Hub model at a pinned commit.
+
+Output folder: a Hugging Face model folder (config.json, generation_config.json, safetensors
+weights, tokenizer files with the chat template) that the quantize stage reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from tasks.config import ModelSection, TinyModel
+from tasks.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+# Phi-3.5-mini-instruct's special tokens. Order fixes their ids in the tiny vocabulary.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+# Phi-3.5's chat format as a Jinja template (system, user, assistant turns; generation prompt).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+# Files a Hub model folder needs; pickled weights (*.bin, *.pt) are never fetched.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.md"]
+
+
+def build(model: ModelSection, root: Path, out: Path) -> dict:
+    """Write the base model into ``out``; return facts for the manifest."""
+    if model.hub_source:
+        repo_id, revision = model.hub_source
+        return fetch_hub_model(repo_id, revision, out)
+    return build_tiny_model(model.tiny, root, out)
+
+
+# --- tiny -----------------------------------------------------------------------------------------
+
+def _rope_factors(n: int, top: float) -> list[float]:
+    """Monotone per-frequency factors from 1.0 to ``top``, the shape of Phi-3.5's longrope lists."""
+    return [round(1.0 + (top - 1.0) * (i / (n - 1)) ** 3, 6) for i in range(n)]
+
+
+def tiny_config_fields(tiny: TinyModel, special_ids: dict[str, int]) -> dict:
+    """Phi-3.5-mini-instruct's config.json with only the sizes (and token ids) changed."""
+    head_dim = tiny.hidden_size // tiny.num_attention_heads
+    return dict(
+        architectures=["Phi3ForCausalLM"],
+        attention_bias=False,
+        attention_dropout=0.0,
+        bos_token_id=special_ids["<|endoftext|>"],
+        embd_pdrop=0.0,
+        eos_token_id=special_ids["<|endoftext|>"],
+        hidden_act="silu",
+        hidden_size=tiny.hidden_size,
+        initializer_range=0.02,
+        intermediate_size=tiny.intermediate_size,
+        max_position_embeddings=131072,
+        model_type="phi3",
+        num_attention_heads=tiny.num_attention_heads,
+        num_hidden_layers=tiny.num_hidden_layers,
+        num_key_value_heads=tiny.num_attention_heads,
+        original_max_position_embeddings=4096,
+        pad_token_id=special_ids["<|endoftext|>"],
+        resid_pdrop=0.0,
+        rms_norm_eps=1e-05,
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": _rope_factors(head_dim // 2, 1.1),
+            "long_factor": _rope_factors(head_dim // 2, 60.0),
+        },
+        rope_theta=10000.0,
+        sliding_window=262144,
+        tie_word_embeddings=False,
+        use_cache=True,
+        vocab_size=tiny.vocab_size,
+    )
+
+
+def train_tokenizer(corpus: Path, vocab_size: int):
+    """Byte-level BPE on the fixed corpus, wrapped as a transformers fast tokenizer."""
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")  # one thread: merge order must not depend on scheduling
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if not corpus.is_file():
+        raise PipelineError(f"tokenizer corpus {corpus} not found; restore it from git or set model.tiny.tokenizer_corpus")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = corpus.read_text(encoding="utf-8").splitlines()
+    tok.train_from_iterator(lines, trainer=trainer, length=len(lines))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_tiny_model(tiny: TinyModel, root: Path, out: Path) -> dict:
+    import torch
+    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
+
+    log.info("training byte-level BPE tokenizer (vocab %d) on %s", tiny.vocab_size, tiny.tokenizer_corpus)
+    tokenizer = train_tokenizer(root / tiny.tokenizer_corpus, tiny.vocab_size)
+    special_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = Phi3Config(**tiny_config_fields(tiny, special_ids))
+    config.vocab_size = max(tiny.vocab_size, len(tokenizer))
+
+    log.info("initialising Phi3ForCausalLM (%d layers, hidden %d), seed %d",
+             tiny.num_hidden_layers, tiny.hidden_size, tiny.seed)
+    torch.manual_seed(tiny.seed)
+    model = Phi3ForCausalLM(config).to(torch.bfloat16)  # Phi-3.5 ships bf16 weights
+    model.generation_config = GenerationConfig(
+        bos_token_id=special_ids["<|endoftext|>"],
+        eos_token_id=[special_ids["<|end|>"], special_ids["<|endoftext|>"]],
+        pad_token_id=special_ids["<|endoftext|>"],
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("tiny model: %d parameters, vocab %d", n_params, config.vocab_size)
+    return {"source": "tiny", "parameters": n_params}
+
+
+# --- hub ------------------------------------------------------------------------------------------
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard link out of the HF cache (no second copy of a multi-GB file), copy across filesystems."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def fetch_hub_model(repo_id: str, revision: str, out: Path) -> dict:
+    """snapshot_download at a commit into the standard HF cache (HF_HOME, HF_HUB_OFFLINE and
+    HF_TOKEN from the environment), then link the files into ``out``."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+    )
+
+    log.info("fetching %s at %s (cache: HF_HOME=%s, offline=%s)", repo_id, revision,
+             os.environ.get("HF_HOME", "~/.cache/huggingface"), os.environ.get("HF_HUB_OFFLINE", "0"))
+    try:
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except GatedRepoError:
+        raise PipelineError(
+            f"{repo_id} is gated; accept its license on huggingface.co and export HF_TOKEN with read access"
+        ) from None
+    except RevisionNotFoundError:
+        raise PipelineError(f"{repo_id} has no commit {revision}; pin a commit from the model's history") from None
+    except RepositoryNotFoundError:
+        raise PipelineError(
+            f"{repo_id} not found on the Hub (or private); check model.repo_id, or export HF_TOKEN if it is private"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise PipelineError(
+            f"{repo_id}@{revision[:12]} is not in the local HF cache and the Hub cannot be reached "
+            "(HF_HUB_OFFLINE set or no network); run once with network access or point HF_HOME at a cache that has it"
+        ) from None
+    files = sorted(p for p in snapshot.rglob("*") if p.is_file() or p.is_symlink())
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise PipelineError(f"{repo_id}@{revision[:12]} has no safetensors weights; pickled weights are refused")
+    for path in files:
+        _link_or_copy(path.resolve(), out / path.relative_to(snapshot))
+    log.info("linked %d files from %s", len(files), snapshot)
+    return {"source": "hub", "repo_id": repo_id, "revision": revision}

@@ -1,0 +1,223 @@
+"""The one typed, validated build configuration (``pipeline.toml``).
+
+Each stage reads only its own section; ``dodo.py`` hashes exactly those sections so that a change
+to one section reruns only the stages that read it. Unknown keys are errors (``extra="forbid"``),
+so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.errors import PipelineError
+
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+
+# The Phi-3.5 chat format, exactly as the Olive lab writes it.
+LAB_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>"
+
+# Named Hub models. A profile pins a full commit, never a branch: the same config must mean the
+# same bytes next year. Bump by replacing the hash with a newer commit from the model's history.
+HUB_PROFILES: dict[str, dict[str, str]] = {
+    "phi-3.5-mini": {
+        "repo_id": "microsoft/Phi-3.5-mini-instruct",
+        "revision": "2fe192450127e6a83f7441aef6e3ca586c338b77",
+    },
+}
+PROFILES = ("tiny", "hub", *HUB_PROFILES)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BuildSection(Section):
+    dir: str = "build/tiny"
+    """Folder that receives every stage's output (relative to the config file's folder)."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where quantize and finetune compute. The tiny profile is meant for cpu."""
+
+
+class TinyModel(Section):
+    """A random-init Phi-3 whose config mirrors Phi-3.5-mini-instruct in every field but sizes."""
+
+    hidden_size: int = Field(256, ge=64)
+    intermediate_size: int = Field(512, ge=64)
+    num_hidden_layers: int = Field(2, ge=1, le=8)
+    num_attention_heads: int = Field(4, ge=1)
+    vocab_size: int = Field(2000, ge=300, le=32064)
+    seed: int = 0
+    tokenizer_corpus: str = "data/tokenizer_corpus.txt"
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "TinyModel":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError("head size (hidden_size / num_attention_heads) must be even for RoPE")
+        return self
+
+
+class ModelSection(Section):
+    profile: str = "tiny"
+    """tiny (built locally, offline), phi-3.5-mini (pinned Hub commit) or hub (repo_id + revision)."""
+    repo_id: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    tiny: TinyModel = TinyModel()
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str) -> str:
+        if value not in PROFILES:
+            raise ValueError(f"unknown profile {value!r}; choose one of: {', '.join(PROFILES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _hub_fields(self) -> "ModelSection":
+        if self.profile == "hub" and not (self.repo_id and self.revision):
+            raise ValueError("profile 'hub' needs model.repo_id and model.revision")
+        if self.profile != "hub" and (self.repo_id or self.revision):
+            raise ValueError(f"model.repo_id/revision are only used with profile 'hub', not {self.profile!r}")
+        if self.hub_source and not COMMIT_RE.match(self.hub_source[1]):
+            raise ValueError(
+                f"revision {self.hub_source[1]!r} is not a 40-hex commit; pin the full commit hash "
+                "shown in the model's history on the Hub"
+            )
+        return self
+
+    @property
+    def hub_source(self) -> tuple[str, str] | None:
+        """(repo_id, revision) for Hub profiles, None for tiny."""
+        if self.profile in HUB_PROFILES:
+            p = HUB_PROFILES[self.profile]
+            return p["repo_id"], p["revision"]
+        if self.profile == "hub":
+            return self.repo_id or "", self.revision or ""
+        return None
+
+
+class DataSection(Section):
+    path: str = "data/travel_qa.jsonl"
+    template: str = LAB_TEMPLATE
+    eval_fraction: float = Field(0.1, gt=0, lt=0.5)
+    split_seed: int = 0
+
+    @field_validator("template")
+    @classmethod
+    def _template_has_fields(cls, value: str) -> str:
+        for field in ("{prompt}", "{response}"):
+            if field not in value:
+                raise ValueError(f"template must contain {field}")
+        if not value.index("{prompt}") < value.index("{response}"):
+            raise ValueError("template must place {prompt} before {response}")
+        return value
+
+
+class QuantizeSection(Section):
+    bits: Literal[4] = 4
+    group_size: Literal[32, 64, 128] = 128
+    zero_point: bool = True
+    version: Literal["gemm"] = "gemm"
+    calibration: str = "data/calibration.txt"
+    calibration_samples: int = Field(128, ge=1)
+    calibration_seq_len: int = Field(512, ge=16)
+
+
+class FinetuneSection(Section):
+    rank: int = Field(8, ge=1, le=256)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    max_steps: int = Field(100, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(8, ge=1)
+    max_seq_len: int = Field(256, ge=16)
+    seed: int = 0
+    eval_every: int = Field(25, ge=1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_targets(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        allowed = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+        unknown = sorted(set(value) - allowed)
+        if unknown or not value:
+            raise ValueError(f"target_modules must be a non-empty subset of {sorted(allowed)}")
+        return tuple(sorted(set(value)))
+
+
+class ExportSection(Section):
+    target: Literal["cpu", "cuda"] = "cpu"
+    adapter_name: str = Field("travel", pattern=r"^[A-Za-z0-9_.-]+$")
+    check_prompts: int = Field(5, ge=1)
+    max_abs_logit_diff: float = Field(0.01, gt=0)
+    """Bound on |logits(ONNX) - logits(AWQ checkpoint)|; the stage fails past it."""
+    min_cosine: float = Field(0.99999, gt=0, le=1)
+
+
+class EvaluateSection(Section):
+    prompts: int = Field(5, ge=1)
+    max_new_tokens: int = Field(40, ge=1)
+    loss_records: int = Field(16, ge=1)
+
+
+class PipelineConfig(Section):
+    build: BuildSection = BuildSection()
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    quantize: QuantizeSection = QuantizeSection()
+    finetune: FinetuneSection = FinetuneSection()
+    export: ExportSection = ExportSection()
+    evaluate: EvaluateSection = EvaluateSection()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``finetune.rank=16`` -> (["finetune", "rank"], 16); the value is read as TOML, else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise PipelineError(f"override {text!r} is not KEY=VALUE; write e.g. finetune.rank=16")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _apply_override(raw: dict, dotted: list[str], value: Any) -> None:
+    node = raw
+    for part in dotted[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise PipelineError(f"override {'.'.join(dotted)}: {part} is not a section")
+    node[dotted[-1]] = value
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key {where!r}; remove it or check its spelling against the README's configuration reference"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{source}: {where}: {msg}"
+
+
+def load_config(path: str | Path = "pipeline.toml", overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read, override and validate; raise PipelineError with one line naming key and fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"config file {path} not found; pass config=PATH to doit or create it from pipeline.toml")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
+    for text in overrides:
+        _apply_override(raw, *parse_override(text))
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise PipelineError(_describe(exc, str(path))) from None

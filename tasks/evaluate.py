@@ -1,0 +1,159 @@
+"""Stage 5, evaluate: the finished package, checked with onnxruntime_genai as a user would run it.
+
+Output (the package users ship): everything of the export stage, plus
+- ``report.json`` / ``report.md``: greedy generations for held-out prompts with and without the
+  adapter, held-out loss and perplexity of the response tokens with and without the adapter;
+- ``speed.json``: decode tokens/s. Timing is the one thing in the package that is not reproducible
+  byte for byte, so it lives in its own file;
+- ``README.md``: a model card with provenance (digests of every stage's manifest).
+The stage fails if the adapter changes nothing or the model generates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+from tasks.config import EvaluateSection, ExportSection
+from tasks.data import prompt_part
+from tasks.errors import PipelineError
+from tasks.export import ADAPTER_SUFFIX
+from tasks.genai import all_logits, open_model, stream
+
+log = logging.getLogger(__name__)
+
+
+def copy_package(src: Path, dst: Path) -> None:
+    """Hard-link the export files (multi-GB for real models), copy where links are impossible."""
+    for item in sorted(src.iterdir()):
+        if item.name == "MANIFEST.json" or not item.is_file():
+            continue
+        try:
+            os.link(item, dst / item.name)
+        except OSError:
+            shutil.copyfile(item, dst / item.name)
+
+
+def response_loss(model, adapters, adapter, tokenizer, template: str, record: dict) -> tuple[float, int]:
+    """Summed cross-entropy of the response tokens given the prompt part, and their count."""
+    import numpy as np
+
+    prompt_ids = list(tokenizer.encode(prompt_part(template, record["prompt"])))
+    full = template.replace("{prompt}", record["prompt"]).replace("{response}", record["response"])
+    ids = list(tokenizer.encode(full))
+    logits = all_logits(model, adapters, adapter, ids)
+    total = 0.0
+    for pos in range(len(prompt_ids), len(ids)):
+        row = logits[pos - 1].astype(np.float64)
+        log_z = row.max() + math.log(np.exp(row - row.max()).sum())
+        total += log_z - row[ids[pos]]
+    return total, len(ids) - len(prompt_ids)
+
+
+def build(export_dir: Path, finetune_dir: Path, section: EvaluateSection, export: ExportSection,
+          out: Path, provenance: dict) -> dict:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    copy_package(export_dir, out)
+    name = export.adapter_name
+    model, adapters = open_model(out, export.target, {name: out / f"{name}{ADAPTER_SUFFIX}"})
+    tokenizer = og.Tokenizer(model)
+    template = json.loads((finetune_dir / "metrics.json").read_text(encoding="utf-8"))["template"]
+    held = [json.loads(l) for l in (finetune_dir / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+
+    quality: dict = {"adapter": name, "heldout_records": len(held), "loss": {}, "generations": []}
+    max_shift = 0.0
+    for label, adapter in (("without_adapter", None), ("with_adapter", name)):
+        total, count = 0.0, 0
+        for record in held[: section.loss_records]:
+            s, n = response_loss(model, adapters, adapter, tokenizer, template, record)
+            total, count = total + s, count + n
+        quality["loss"][label] = {"loss": round(total / count, 5), "perplexity": round(math.exp(total / count), 3),
+                                  "tokens": count}
+        log.info("held-out loss %s: %.4f (perplexity %.2f) over %d tokens", label, total / count,
+                 math.exp(total / count), count)
+    ids = list(tokenizer.encode(prompt_part(template, held[0]["prompt"])))
+    max_shift = float(np.abs(all_logits(model, adapters, None, ids) - all_logits(model, adapters, name, ids)).max())
+
+    speed = {"without_adapter": [], "with_adapter": []}
+    for record in held[: section.prompts]:
+        prompt = prompt_part(template, record["prompt"])
+        entry = {"prompt": record["prompt"], "reference": record["response"]}
+        for label, adapter in (("without_adapter", None), ("with_adapter", name)):
+            start = time.perf_counter()
+            pieces = list(stream(model, tokenizer, adapters, adapter, prompt, section.max_new_tokens))
+            elapsed = time.perf_counter() - start
+            entry[label] = "".join(pieces)
+            speed[label].append(len(pieces) / elapsed if elapsed > 0 else 0.0)
+        quality["generations"].append(entry)
+        log.info("%r\n    without adapter: %r\n    with adapter:    %r", record["prompt"],
+                 entry["without_adapter"][:120], entry["with_adapter"][:120])
+
+    if not any(g["with_adapter"].strip() for g in quality["generations"]):
+        raise PipelineError("the package generated empty text for every held-out prompt; check the finetune log")
+    if max_shift < 1e-4:
+        raise PipelineError(f"the adapter has no effect (max logit change {max_shift:.2e}); check the finetune and export logs")
+    quality["max_logit_shift_from_adapter"] = round(max_shift, 4)
+
+    tokens_per_s = {k: round(sum(v) / len(v), 1) for k, v in speed.items()}
+    (out / "report.json").write_text(json.dumps(quality, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "speed.json").write_text(json.dumps({"decode_tokens_per_s": tokens_per_s, "target": export.target,
+                                                "max_new_tokens": section.max_new_tokens}, indent=2) + "\n")
+    (out / "report.md").write_text(render_summary(quality), encoding="utf-8")
+    (out / "README.md").write_text(render_model_card(quality, provenance, export), encoding="utf-8")
+    log.info("decode speed (tokens/s): %s", tokens_per_s)
+    return {"loss": quality["loss"], "max_logit_shift_from_adapter": quality["max_logit_shift_from_adapter"]}
+
+
+def render_summary(quality: dict) -> str:
+    loss = quality["loss"]
+    lines = [
+        "# Evaluation summary", "",
+        f"Held-out records: {quality['heldout_records']}; adapter `{quality['adapter']}`.", "",
+        "| | loss | perplexity | tokens |", "|---|---|---|---|",
+    ]
+    for label in ("without_adapter", "with_adapter"):
+        lines.append(f"| {label.replace('_', ' ')} | {loss[label]['loss']} | {loss[label]['perplexity']} | {loss[label]['tokens']} |")
+    lines += ["", f"Largest logit change caused by the adapter: {quality['max_logit_shift_from_adapter']}", "",
+              "## Generations (greedy)", ""]
+    for g in quality["generations"]:
+        lines += [f"**{g['prompt']}**", "", f"- without adapter: {g['without_adapter']!r}",
+                  f"- with adapter: {g['with_adapter']!r}", f"- reference: {g['reference']!r}", ""]
+    return "\n".join(lines)
+
+
+def render_model_card(quality: dict, provenance: dict, export: ExportSection) -> str:
+    base = provenance.get("base", {}).get("facts", {})
+    quant = provenance.get("quantize", {}).get("config", {}).get("quantize", {})
+    tune = provenance.get("finetune", {}).get("config", {}).get("finetune", {})
+    source = f"{base.get('repo_id')} at commit {base.get('revision')}" if base.get("source") == "hub" else \
+        "the project's tiny random-init Phi-3 (architecture of Phi-3.5-mini-instruct, small sizes)"
+    loss = quality["loss"]
+    lines = [
+        "# ONNX Runtime GenAI package: AWQ int4 base + LoRA adapter", "",
+        f"- Base model: {source}.",
+        f"- Quantization: AWQ {quant.get('bits')}-bit, group size {quant.get('group_size')}, zero point "
+        f"{quant.get('zero_point')}, exported as MatMulNBits for the {export.target} execution provider.",
+        f"- Adapter `{export.adapter_name}` (`{export.adapter_name}{ADAPTER_SUFFIX}`): LoRA rank {tune.get('rank')}, "
+        f"alpha {tune.get('alpha')}, {tune.get('max_steps')} steps on {', '.join(tune.get('target_modules', []))}.",
+        f"- Held-out loss: {loss['without_adapter']['loss']} without the adapter, {loss['with_adapter']['loss']} with it.",
+        "", "## Use", "", "```python", "import onnxruntime_genai as og",
+        "model = og.Model('.')", "tokenizer = og.Tokenizer(model)", "adapters = og.Adapters(model)",
+        f"adapters.load('{export.adapter_name}{ADAPTER_SUFFIX}', '{export.adapter_name}')",
+        "params = og.GeneratorParams(model)", "params.set_search_options(max_length=256)",
+        "generator = og.Generator(model, params)",
+        f"generator.set_active_adapter(adapters, '{export.adapter_name}')  # omit for the base model",
+        "generator.append_tokens(tokenizer.encode('<|user|>\\nwhat is the best thing to see in chicago<|end|>\\n<|assistant|>\\n'))",
+        "```", "", "Or: `python -m tasks chat --package .`", "",
+        "## Provenance (sha256 of each stage's MANIFEST.json)", "",
+    ]
+    for stage, manifest in provenance.items():
+        lines.append(f"- {stage}: `{manifest['manifest_sha256']}`")
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,204 @@
+"""Stage 4, export: ONNX Runtime GenAI package with the AWQ base as int4 MatMulNBits and the LoRA as
+a separate, switchable ``.onnx_adapter``.
+
+Why not ``olive auto-opt --adapter_path``: its builder route bakes the LoRA into the graph (and
+quantizes it to int4), so the adapter can neither be switched off nor stays exact; on the AWQ folder
+with an adapter it fails inside peft. Instead:
+
+1. the GenAI model builder converts the AWQ folder itself: AWQ's own int4 grid is repacked into
+   MatMulNBits (block size = AWQ group size, with zero points), so the base stays exact;
+2. every LoRA-targeted MatMulNBits gets ``y = base(x) + (x @ A) @ B`` grafted on, with A and B as graph
+   inputs (rank as a symbolic dim) whose default is a rank-1 zero initializer, so the model runs with
+   no adapter active and an adapter file overrides them;
+3. the trained LoRA is written with onnxruntime's AdapterFormat (A = lora_A.T, B = (alpha/r) lora_B.T;
+   the builder splits gate_up_proj into gate_proj and up_proj, so B's output rows are split too);
+4. logits of the last prompt token on held-out prompts are compared with the AWQ checkpoint's (its
+   float twin, with and without the adapter); past ``max_abs_logit_diff``/``min_cosine`` the stage fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from tasks.config import ExportSection
+from tasks.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+ADAPTER_SUFFIX = ".onnx_adapter"
+# peft module path -> the builder's node path; the builder renames self_attn to attn.
+PEFT_MODULE_RE = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+def run_builder(awq_dir: Path, out: Path, target: str, cache: Path) -> None:
+    from onnxruntime_genai.models.builder import create_model
+
+    extra = {"int4_accuracy_level": "1"} if target == "cpu" else {}
+    # Keep lm_head in float: AWQ leaves it unquantized, and re-quantizing it costs exactness.
+    extra["int4_nodes_to_exclude"] = ["/lm_head/MatMul"]
+    create_model("", str(awq_dir), str(out), "int4", target, str(cache), **extra)
+
+
+def lora_tensors(adapter_dir: Path) -> tuple[dict[tuple[int, str], dict[str, "object"]], float]:
+    """{(layer, module): {"A": [r, K], "B": [N, r]}} from a peft adapter, and its scale alpha/r."""
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if cfg.get("use_rslora") or cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise PipelineError("adapter uses rsLoRA/DoRA/per-module ranks, which export does not support; use plain LoRA")
+    scale = cfg["lora_alpha"] / cfg["r"]
+    pairs: dict[tuple[int, str], dict] = {}
+    for name, tensor in load_file(adapter_dir / "adapter_model.safetensors").items():
+        match = PEFT_MODULE_RE.search(name)
+        if not match:
+            raise PipelineError(f"unexpected tensor {name} in the adapter; export supports LoRA on Phi-3 linears only")
+        layer, _, module, which = match.groups()
+        pairs.setdefault((int(layer), module), {})[which] = tensor
+    return pairs, scale
+
+
+def node_targets(module: str, n_out: int) -> list[tuple[str, slice]]:
+    """Builder node paths that a peft module maps to, with the rows of lora_B each one takes."""
+    group = "mlp" if module in ("gate_up_proj", "down_proj") else "attn"
+    if module == "gate_up_proj":
+        half = n_out // 2  # Phi-3 computes gate, up = gate_up_proj(x).chunk(2)
+        return [("mlp/gate_proj", slice(0, half)), ("mlp/up_proj", slice(half, n_out)),
+                ("mlp/gate_up_proj", slice(0, n_out))]
+    return [(f"{group}/{module}", slice(0, n_out))]
+
+
+def graft_lora(model_path: Path, adapter_dir: Path, out_model: Path) -> dict[str, "object"]:
+    """Rewrite the graph with LoRA branches; return the adapter parameters keyed by graph input name."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    nodes = {n.name: n for n in graph.node}
+    scales_dtype = {i.name: i.data_type for i in graph.initializer if i.name.endswith(".scales")}
+    pairs, scale = lora_tensors(adapter_dir)
+    params: dict[str, object] = {}
+    branches: dict[str, list] = {}  # base node name -> LoRA nodes to place right after it
+    for (layer, module), ab in sorted(pairs.items()):
+        a, b = ab["A"].astype(np.float32), ab["B"].astype(np.float32)
+        grafted = 0
+        for path, rows in node_targets(module, b.shape[0]):
+            node = nodes.get(f"/model/layers.{layer}/{path}/MatMulNBits")
+            if node is None:
+                continue
+            dtype = scales_dtype[node.input[2]]
+            np_dtype = np.float16 if dtype == TensorProto.FLOAT16 else np.float32
+            base = f"model.layers.{layer}.{path.replace('/', '.')}"
+            a_name, b_name = f"{base}.lora_A", f"{base}.lora_B"
+            k, n = a.shape[1], rows.stop - rows.start
+            params[a_name] = np.ascontiguousarray(a.T).astype(np_dtype)
+            params[b_name] = np.ascontiguousarray((b[rows] * scale).T).astype(np_dtype)
+            # Graph inputs with a rank-1 zero default: no adapter active == base model exactly.
+            graph.input.extend([
+                helper.make_tensor_value_info(a_name, dtype, [k, "lora_rank"]),
+                helper.make_tensor_value_info(b_name, dtype, ["lora_rank", n]),
+            ])
+            graph.initializer.extend([
+                numpy_helper.from_array(np.zeros((k, 1), np_dtype), a_name),
+                numpy_helper.from_array(np.zeros((1, n), np_dtype), b_name),
+            ])
+            y = node.output[0]
+            node.output[0] = f"{y}/base"
+            branches[node.name] = [
+                helper.make_node("MatMul", [node.input[0], a_name], [f"{base}/lora_A/output_0"], name=f"{base}/lora_A/MatMul"),
+                helper.make_node("MatMul", [f"{base}/lora_A/output_0", b_name], [f"{base}/lora_B/output_0"], name=f"{base}/lora_B/MatMul"),
+                helper.make_node("Add", [f"{y}/base", f"{base}/lora_B/output_0"], [y], name=f"{base}/lora/Add"),
+            ]
+            grafted += 1
+        if not grafted:
+            raise PipelineError(f"no MatMulNBits node for layers.{layer}.{module} in the exported graph; "
+                                "the builder's node names changed: check onnxruntime-genai's version against the lock")
+    # ONNX wants nodes in topological order: each branch goes right after the node it extends,
+    # before any consumer of that node's (renamed) output.
+    ordered = []
+    for node in graph.node:
+        ordered.append(node)
+        ordered.extend(branches.get(node.name, []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+    out_model.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out_model), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=out_model.name + ".data", size_threshold=1024)
+    return params
+
+
+def write_adapter(params: dict[str, "object"], path: Path) -> None:
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(params[name]) for name in sorted(params)})
+    fmt.export_adapter(str(path))
+
+
+def check_logits(package: Path, awq_dir: Path, adapter_dir: Path, adapter_file: Path, prompts: list[str],
+                 section: ExportSection) -> dict:
+    """Max |d| and min cosine of last-token logits, ONNX vs the AWQ checkpoint (float twin)."""
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from tasks.awq_twin import load_float_twin
+    from tasks.genai import last_token_logits, open_model
+
+    tokenizer = AutoTokenizer.from_pretrained(awq_dir)
+    twin = load_float_twin(awq_dir)
+    model, adapters = open_model(package, section.target, {section.adapter_name: adapter_file})
+    results = {}
+    for label, adapter in (("base", None), ("adapter", section.adapter_name)):
+        if adapter:
+            twin = PeftModel.from_pretrained(twin, str(adapter_dir)).eval()
+        worst_abs, worst_cos, same_argmax = 0.0, 1.0, 0
+        for prompt in prompts:
+            ids = tokenizer.encode(prompt, add_special_tokens=False)
+            with torch.no_grad():
+                ref = twin(input_ids=torch.tensor([ids])).logits[0, -1].float().numpy()
+            got = last_token_logits(model, adapters, adapter, ids).astype(np.float32)
+            worst_abs = max(worst_abs, float(np.abs(ref - got).max()))
+            worst_cos = min(worst_cos, float(ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got))))
+            same_argmax += int(ref.argmax() == got.argmax())
+        results[label] = {"max_abs_diff": worst_abs, "min_cosine": worst_cos,
+                          "same_argmax": f"{same_argmax}/{len(prompts)}"}
+        log.info("logits ONNX vs AWQ checkpoint (%s): max |d| %.2e, min cosine %.7f, same argmax %s",
+                 label, worst_abs, worst_cos, results[label]["same_argmax"])
+    for label, r in results.items():
+        if r["max_abs_diff"] > section.max_abs_logit_diff or r["min_cosine"] < section.min_cosine:
+            raise PipelineError(
+                f"exported model ({label}) is too far from the AWQ checkpoint: max |d| {r['max_abs_diff']:.3g} "
+                f"(bound {section.max_abs_logit_diff}), cosine {r['min_cosine']:.6f} (bound {section.min_cosine}); "
+                "check the export settings or raise the bounds in [export] knowingly"
+            )
+    return results
+
+
+def build(awq_dir: Path, finetune_dir: Path, section: ExportSection, out: Path, scratch: Path) -> dict:
+    from tasks.data import prompt_part
+
+    raw = scratch / "builder"
+    log.info("model builder: %s -> int4 MatMulNBits for %s", awq_dir, section.target)
+    run_builder(awq_dir, raw, section.target, scratch / "cache")
+    log.info("grafting LoRA branches and writing %s%s", section.adapter_name, ADAPTER_SUFFIX)
+    params = graft_lora(raw / "model.onnx", finetune_dir / "adapter", out / "model.onnx")
+    for item in sorted(raw.iterdir()):
+        if item.name not in ("model.onnx", "model.onnx.data"):
+            (out / item.name).write_bytes(item.read_bytes())
+    adapter_file = out / f"{section.adapter_name}{ADAPTER_SUFFIX}"
+    write_adapter(params, adapter_file)
+
+    metrics = json.loads((finetune_dir / "metrics.json").read_text(encoding="utf-8"))
+    held = [json.loads(line) for line in (finetune_dir / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    prompts = [prompt_part(metrics["template"], r["prompt"]) for r in held[: section.check_prompts]]
+    check = check_logits(out, awq_dir, finetune_dir / "adapter", adapter_file, prompts, section)
+    (out / "export_check.json").write_text(json.dumps(check, indent=2) + "\n")
+    return {"logit_check": check}

@@ -1,0 +1,151 @@
+"""Stage 3, finetune: LoRA on the float twin of the AWQ checkpoint (peft), as in the lab.
+
+Quantize first, then finetune: the adapter learns against the 4-bit weights and can recover part of
+the quantization loss. Olive's LoRA pass would load the AWQ folder through transformers' AWQ
+integration, which needs gptqmodel (CUDA 13 line only), so peft trains on the twin directly.
+
+The loss covers the response tokens only (the prompt part of the template is masked), on a held-out
+split that evaluate and export reuse. Output: ``adapter/`` (peft format), ``heldout.jsonl``,
+``metrics.json`` (train/eval loss curve).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from tasks.awq_twin import load_float_twin
+from tasks.config import DataSection, FinetuneSection
+from tasks.data import Record, load_dataset, prompt_part, render
+from tasks.progress import step_progress
+
+log = logging.getLogger(__name__)
+
+
+def encode(tokenizer, template: str, record: Record, max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered record and labels with the prompt part masked (-100)."""
+    prompt_ids = tokenizer.encode(prompt_part(template, record.prompt), add_special_tokens=False)
+    full_ids = tokenizer.encode(render(template, record), add_special_tokens=False)[:max_len]
+    n_prompt = min(len(prompt_ids), len(full_ids))
+    labels = [-100] * n_prompt + full_ids[n_prompt:]
+    return full_ids, labels
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
+    import torch
+
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (seq, lab) in enumerate(examples):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def mean_loss(model, examples, pad_id: int, device: str, batch_size: int) -> float:
+    """Token-weighted mean cross-entropy over the response tokens of ``examples``."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                ignore_index=-100, reduction="sum",
+            )
+            total += loss.item()
+            count += int((shift_labels != -100).sum())
+    return total / max(count, 1)
+
+
+def _normalise_adapter_config(path: Path) -> None:
+    """peft stores target_modules as a set, so its JSON order follows string hashing, which changes
+    from process to process: sort it so that the same training writes the same bytes."""
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def build(awq_dir: Path, data: DataSection, section: FinetuneSection, dataset: Path, device: str, out: Path) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    from tasks.quantize import select_device
+
+    select_device(device)
+    train, held = load_dataset(dataset, data.template, data.eval_fraction, data.split_seed)
+    log.info("dataset %s: %d train / %d held-out records", dataset, len(train), len(held))
+    torch.manual_seed(section.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(awq_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_ex = [encode(tokenizer, data.template, r, section.max_seq_len) for r in train]
+    held_ex = [encode(tokenizer, data.template, r, section.max_seq_len) for r in held]
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = load_float_twin(awq_dir, dtype, device)
+    lora = LoraConfig(
+        r=section.rank, lora_alpha=section.alpha, lora_dropout=section.dropout,
+        target_modules=list(section.target_modules), bias="none", task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA r=%d alpha=%g on %s: %d trainable parameters", section.rank, section.alpha,
+             ",".join(section.target_modules), trainable)
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=section.learning_rate)
+    warmup = max(1, section.max_steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    order = torch.Generator().manual_seed(section.seed)
+    history: dict[str, list] = {"train": [], "eval": []}
+
+    model.eval()
+    eval_loss = mean_loss(model, held_ex, pad_id, device, section.batch_size)
+    history["eval"].append([0, round(eval_loss, 6)])
+    log.info("step 0: held-out loss %.4f", eval_loss)
+    perm: list[int] = []
+    with step_progress("finetune", section.max_steps) as advance:
+        for step in range(1, section.max_steps + 1):
+            model.train()
+            if len(perm) < section.batch_size:
+                perm += torch.randperm(len(train_ex), generator=order).tolist()
+            picked, perm = perm[: section.batch_size], perm[section.batch_size:]
+            batch = {k: v.to(device) for k, v in collate([train_ex[i] for i in picked], pad_id).items()}
+            loss = model(**batch).loss
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"training loss became {loss.item()} at step {step}; lower finetune.learning_rate")
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            history["train"].append([step, round(loss.item(), 6)])
+            if step % section.eval_every == 0 or step == section.max_steps:
+                model.eval()
+                eval_loss = mean_loss(model, held_ex, pad_id, device, section.batch_size)
+                history["eval"].append([step, round(eval_loss, 6)])
+                log.info("step %d: train loss %.4f, held-out loss %.4f", step, loss.item(), eval_loss)
+            advance(f"loss {loss.item():.3f}")
+
+    model.save_pretrained(out / "adapter", safe_serialization=True)
+    _normalise_adapter_config(out / "adapter" / "adapter_config.json")
+    with open(out / "heldout.jsonl", "w", encoding="utf-8") as fh:
+        for r in held:
+            fh.write(json.dumps({"prompt": r.prompt, "response": r.response, "line": r.line}, ensure_ascii=False) + "\n")
+    metrics = {
+        "train_records": len(train), "heldout_records": len(held), "trainable_parameters": trainable,
+        "template": data.template, "loss": history,
+        "heldout_loss_before": history["eval"][0][1], "heldout_loss_after": history["eval"][-1][1],
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {"heldout_loss_before": metrics["heldout_loss_before"], "heldout_loss_after": metrics["heldout_loss_after"]}

@@ -1,0 +1,41 @@
+"""Every path the build uses, derived from the project root and the config in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.config import PipelineConfig
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+    build: Path
+
+    @classmethod
+    def of(cls, root: Path, cfg: PipelineConfig) -> "Paths":
+        root = root.resolve()
+        return cls(root=root, build=(root / cfg.build.dir).resolve())
+
+    def stage(self, name: str) -> Path:
+        # The evaluate stage's output is the finished, shippable package.
+        return self.build / ("package" if name == "evaluate" else name)
+
+    def manifest(self, name: str) -> Path:
+        return self.stage(name) / "MANIFEST.json"
+
+    def log(self, name: str) -> Path:
+        return self.build / "logs" / f"{name}.log"
+
+    def scratch(self, name: str) -> Path:
+        """Working space of a running stage; beside the staging folders, removed afterwards."""
+        return self.build / ".staging" / f"{name}.scratch"
+
+    @property
+    def doit_db(self) -> Path:
+        return self.build / ".doit.sqlite3"
+
+    def data(self, relative: str) -> Path:
+        """A config-named input file (relative to the project root unless absolute)."""
+        return (self.root / relative).resolve()

@@ -1,0 +1,46 @@
+"""Cheap checks of every input before any expensive stage runs (doit runs this first)."""
+
+from __future__ import annotations
+
+from tasks.config import PipelineConfig
+from tasks.data import load_dataset
+from tasks.errors import PipelineError
+from tasks.paths import Paths
+
+
+def preflight(cfg: PipelineConfig, paths: Paths) -> None:
+    """Raise PipelineError naming the first problem; return quietly when everything is usable."""
+    load_dataset(paths.data(cfg.data.path), cfg.data.template, cfg.data.eval_fraction, cfg.data.split_seed)
+    named = {"quantize.calibration": cfg.quantize.calibration}
+    if not cfg.model.hub_source:
+        named["model.tiny.tokenizer_corpus"] = cfg.model.tiny.tokenizer_corpus
+    for key, rel in named.items():
+        path = paths.data(rel)
+        if not path.is_file():
+            raise PipelineError(f"{key}: file {path} not found; restore it or point {key} at an existing file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise PipelineError(f"{key}: {path} is not valid UTF-8; re-save it as UTF-8") from None
+        if not text.strip():
+            raise PipelineError(f"{key}: {path} is empty; it needs text, one paragraph per line")
+    check_runtime_variant(cfg)
+
+
+def check_runtime_variant(cfg: PipelineConfig) -> None:
+    """The cpu and cuda locks install different ONNX Runtime builds of the same module; never both."""
+    from importlib import metadata
+
+    installed = set()
+    for dist in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "onnxruntime-genai-cuda"):
+        try:
+            metadata.version(dist)
+            installed.add(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    if {"onnxruntime", "onnxruntime-gpu"} <= installed or {"onnxruntime-genai", "onnxruntime-genai-cuda"} <= installed:
+        raise PipelineError("both the cpu and the cuda ONNX Runtime packages are installed; recreate the venv from ONE of "
+                            "requirements/cpu.lock.txt or requirements/cuda.lock.txt")
+    if cfg.export.target == "cuda" and "onnxruntime-genai-cuda" not in installed:
+        raise PipelineError("export.target is 'cuda' but onnxruntime-genai-cuda is not installed; "
+                            "install requirements/cuda.lock.txt on a GPU host")

@@ -1,0 +1,119 @@
+"""Stage 2, quantize: AWQ 4-bit (zero point, GEMM layout) with AutoAWQ, on CPU or CUDA.
+
+Calibration text comes from a local file, never from a Hub dataset. Olive's AWQ pass refuses CPU,
+so AutoAWQ is called directly; the same code runs on both devices.
+
+AutoAWQ 0.2.9 has a CPU-only bug in its scale search: it "saves" the weights with ``.cpu()``, which
+on CPU returns the same tensors, then scales them in place, so every candidate is evaluated on the
+wrong weights and the model is left corrupted. ``CloningAwqQuantizer`` hands the search real copies;
+tests/test_quantize.py shows that AWQ scaling alone then preserves the model's function.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from tasks.config import QuantizeSection
+from tasks.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+# Files of the base folder that AutoAWQ's save_quantized does not carry over.
+CARRIED_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "chat_template.jinja", "generation_config.json", "added_tokens.json",
+)
+
+
+def _cloning_quantizer_cls():
+    from awq.quantize.quantizer import AwqQuantizer
+
+    class CloningAwqQuantizer(AwqQuantizer):
+        """AwqQuantizer whose scale search restores the weights from true copies."""
+
+        def _compute_best_scale(self, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs={}):
+            original = module2inspect.state_dict
+
+            def cloned_state_dict(*args, **kw):
+                return {k: v.detach().clone() for k, v in original(*args, **kw).items()}
+
+            module2inspect.state_dict = cloned_state_dict  # instance attribute shadows the method
+            try:
+                return super()._compute_best_scale(
+                    x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs
+                )
+            finally:
+                del module2inspect.state_dict
+
+    return CloningAwqQuantizer
+
+
+def quant_config(section: QuantizeSection) -> dict:
+    return {
+        "zero_point": section.zero_point,
+        "q_group_size": section.group_size,
+        "w_bit": section.bits,
+        "version": section.version.upper(),
+    }
+
+
+def read_calibration(path: Path) -> list[str]:
+    if not path.is_file():
+        raise PipelineError(f"calibration text {path} not found; set quantize.calibration to a local text file")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise PipelineError(f"calibration text {path} is empty; put one paragraph per line in it")
+    return lines
+
+
+def select_device(device: str) -> None:
+    """Make AutoAWQ (which picks the 'best' device itself) use exactly the configured one."""
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise PipelineError("build.device is 'cuda' but torch sees no CUDA GPU; set build.device = \"cpu\" or run on a GPU host")
+
+
+def build(base: Path, section: QuantizeSection, calibration: Path, device: str, out: Path,
+          trust_remote_code: bool = False) -> dict:
+    select_device(device)
+    import torch
+    from awq import AutoAWQForCausalLM
+    from transformers import AutoTokenizer
+
+    texts = read_calibration(calibration)
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
+    n_tokens = sum(len(tokenizer.encode(t)) for t in texts[: section.calibration_samples]
+                   if len(tokenizer.encode(t)) <= section.calibration_seq_len)
+    if n_tokens < section.calibration_seq_len:
+        raise PipelineError(
+            f"calibration text {calibration} gives {n_tokens} tokens, fewer than one block of "
+            f"quantize.calibration_seq_len={section.calibration_seq_len}; add text or lower the setting"
+        )
+    log.info("AWQ %d-bit, group %d, zero point %s, %s; calibration: %d texts, %d tokens in blocks of %d, device %s",
+             section.bits, section.group_size, section.zero_point, section.version.upper(),
+             min(len(texts), section.calibration_samples), n_tokens, section.calibration_seq_len, device)
+    torch.manual_seed(0)
+    model = AutoAWQForCausalLM.from_pretrained(
+        str(base), torch_dtype=torch.float16, device_map="cpu",
+        trust_remote_code=trust_remote_code, use_cache=False,
+    )
+    model.quantize(
+        tokenizer,
+        quant_config=quant_config(section),
+        calib_data=texts,
+        max_calib_samples=section.calibration_samples,
+        max_calib_seq_len=section.calibration_seq_len,
+        quantizer_cls=_cloning_quantizer_cls(),
+    )
+    model.save_quantized(str(out), safetensors=True)
+    for name in CARRIED_FILES:
+        if (base / name).is_file():
+            shutil.copyfile(base / name, out / name)
+    return {"calibration_tokens": n_tokens}

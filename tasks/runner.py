@@ -1,0 +1,117 @@
+"""Run one stage: check its inputs, call its pure entry point into a staging folder, write the
+manifest, publish atomically, and keep the full log in ``<build>/logs/<stage>.log``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+from tasks.config import PipelineConfig
+from tasks.errors import PipelineError
+from tasks.manifest import manifest_digest, read_manifest, sha256_file, staged_output, write_manifest
+from tasks.paths import Paths
+from tasks.stages import BY_NAME, config_values, upstream_closure
+
+log = logging.getLogger("tasks")
+
+
+def quiet_environment() -> None:
+    """Offline-friendly, telemetry-free, reproducible process settings for every stage."""
+    os.environ.setdefault("OLIVE_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@contextlib.contextmanager
+def stage_logging(path: Path) -> Iterator[None]:
+    """Log to the terminal (info) and to the stage's log file (debug, overwritten per run)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    to_file = logging.FileHandler(path, mode="w", encoding="utf-8")
+    to_file.setFormatter(fmt)
+    to_file.setLevel(logging.DEBUG)
+    to_term = logging.StreamHandler(sys.stderr)
+    to_term.setFormatter(logging.Formatter("  %(message)s"))
+    to_term.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    root.addHandler(to_file)
+    root.addHandler(to_term)
+    try:
+        yield
+    finally:
+        root.removeHandler(to_file)
+        root.removeHandler(to_term)
+        to_file.close()
+
+
+def _call_stage(name: str, cfg: PipelineConfig, paths: Paths, out: Path) -> dict:
+    """Map config sections and upstream folders onto each stage's entry point."""
+    if name == "base":
+        from tasks import base_model
+        return base_model.build(cfg.model, paths.root, out)
+    if name == "quantize":
+        from tasks import quantize
+        return quantize.build(paths.stage("base"), cfg.quantize, paths.data(cfg.quantize.calibration),
+                              cfg.build.device, out, cfg.model.trust_remote_code)
+    if name == "finetune":
+        from tasks import finetune
+        return finetune.build(paths.stage("quantize"), cfg.data, cfg.finetune, paths.data(cfg.data.path),
+                              cfg.build.device, out)
+    if name == "export":
+        from tasks import export
+        scratch = paths.scratch(name)
+        shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            return export.build(paths.stage("quantize"), paths.stage("finetune"), cfg.export, out, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if name == "evaluate":
+        from tasks import evaluate
+        provenance = {up: {**read_manifest(paths.stage(up)), "manifest_sha256": manifest_digest(paths.stage(up))}
+                      for up in upstream_closure(name)}
+        return evaluate.build(paths.stage("export"), paths.stage("finetune"), cfg.evaluate, cfg.export,
+                              out, provenance)
+    raise PipelineError(f"unknown stage {name!r}; choose one of: {', '.join(BY_NAME)}")
+
+
+def run_stage(name: str, cfg: PipelineConfig, paths: Paths) -> Path:
+    stage = BY_NAME.get(name)
+    if stage is None:
+        raise PipelineError(f"unknown stage {name!r}; choose one of: {', '.join(BY_NAME)}")
+    quiet_environment()
+    for up in stage.upstream:
+        if not paths.manifest(up).is_file():
+            raise PipelineError(f"stage {name} needs {up} first ({paths.manifest(up)} missing); run `doit {up}`")
+    inputs = {up: manifest_digest(paths.stage(up)) for up in stage.upstream}
+    files = {}
+    for rel in stage.files(cfg):
+        path = paths.data(rel)
+        if not path.is_file():
+            raise PipelineError(f"input file {path} not found; fix the path in the config")
+        files[rel] = sha256_file(path)
+    final = paths.stage(name)
+    with stage_logging(paths.log(name)):
+        start = time.monotonic()
+        log.info("%s: building into %s", name, final)
+        with staged_output(final) as staging:
+            facts = _call_stage(name, cfg, paths, staging) or {}
+            write_manifest(staging, {
+                "stage": name,
+                "config": config_values(cfg, stage.keys),
+                "inputs": inputs,
+                "input_files": files,
+                "facts": facts,
+            })
+        log.info("%s: done in %.1fs (log: %s)", name, time.monotonic() - start, paths.log(name))
+    return final

@@ -1,0 +1,76 @@
+"""The stage graph as data: what each stage reads (upstream stages, config keys, input files, code).
+
+dodo.py turns this into doit tasks; the runner uses it to record inputs in each manifest. Kept free
+of heavy imports so that ``doit list`` and a no-op build stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+from tasks.config import PipelineConfig
+
+# Code every stage runs through; a change here reruns all stages (early cutoff stops the cascade
+# where the bytes come out the same).
+COMMON_CODE = ("tasks/__main__.py", "tasks/runner.py", "tasks/manifest.py", "tasks/config.py", "tasks/paths.py")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    doc: str
+    upstream: tuple[str, ...]
+    keys: tuple[str, ...]
+    """Config sections (``finetune``) or single keys (``build.device``) the stage reads."""
+    code: tuple[str, ...]
+    files: Callable[[PipelineConfig], list[str]] = lambda cfg: []
+    """Input files named by the config (dataset, corpora)."""
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("base", "base model: tiny Phi-3 built locally, or a Hub model at a pinned commit",
+          (), ("model",), ("tasks/base_model.py",),
+          lambda cfg: [] if cfg.model.hub_source else [cfg.model.tiny.tokenizer_corpus]),
+    Stage("quantize", "AWQ 4-bit (zero point, GEMM) with local calibration text",
+          ("base",), ("quantize", "build.device", "model.trust_remote_code"), ("tasks/quantize.py",),
+          lambda cfg: [cfg.quantize.calibration]),
+    Stage("finetune", "LoRA trained against the 4-bit weights (float twin of the AWQ checkpoint)",
+          ("quantize",), ("data", "finetune", "build.device"),
+          ("tasks/finetune.py", "tasks/awq_twin.py", "tasks/data.py", "tasks/progress.py", "tasks/quantize.py"),
+          lambda cfg: [cfg.data.path]),
+    Stage("export", "ONNX Runtime GenAI int4 base + switchable .onnx_adapter, logits checked",
+          ("quantize", "finetune"), ("export",),
+          ("tasks/export.py", "tasks/genai.py", "tasks/awq_twin.py", "tasks/data.py")),
+    Stage("evaluate", "package = export + report (texts, tokens/s, held-out loss with/without adapter) + model card",
+          ("export", "finetune"), ("evaluate", "export.target", "export.adapter_name"),
+          ("tasks/evaluate.py", "tasks/genai.py", "tasks/data.py")),
+)
+BY_NAME = {s.name: s for s in STAGES}
+
+
+def config_values(cfg: PipelineConfig, keys: tuple[str, ...]) -> dict:
+    """The slice of the config a stage reads, as plain JSON-able data."""
+    dumped = cfg.model_dump(mode="json")
+    values: dict = {}
+    for key in keys:
+        node = dumped
+        for part in key.split("."):
+            node = node[part]
+        values[key] = node
+    return values
+
+
+def config_fingerprint(cfg: PipelineConfig, stage: Stage) -> str:
+    return json.dumps(config_values(cfg, stage.keys), sort_keys=True)
+
+
+def upstream_closure(name: str) -> list[str]:
+    """All stages ``name`` depends on, nearest last, without duplicates."""
+    seen: list[str] = []
+    for up in BY_NAME[name].upstream:
+        for dep in upstream_closure(up) + [up]:
+            if dep not in seen:
+                seen.append(dep)
+    return seen
