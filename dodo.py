@@ -6,7 +6,7 @@
     doit list / info -s finetune / clean export
 """
 
-import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -18,7 +18,7 @@ from tasks.cli_vars import config_overrides
 from tasks.config import load_config
 from tasks.errors import PipelineError
 from tasks.paths import Paths
-from tasks.stages import STAGES, config_fingerprint
+from tasks.stages import COMMON_CODE, STAGES, config_fingerprint
 
 ROOT = Path(__file__).resolve().parent
 CONFIG = get_var("config", "pipeline.toml")
@@ -40,12 +40,20 @@ DOIT_CONFIG = {
     "action_string_formatting": "new",
 }
 STAGE_CMD = [sys.executable, "-m", "tasks"]
-CONFIG_ARGS = ["--config", CONFIG, "--root", str(ROOT)] + [a for o in OVERRIDES for a in ("--set", o)]
+
+
+def rel(path) -> str:
+    """doit runs from this folder; relative paths in its state let a project folder be moved or copied."""
+    return os.path.relpath(path, ROOT)
+
+
+
+CONFIG_ARGS = ["--config", CONFIG, "--root", "."] + [a for o in OVERRIDES for a in ("--set", o)]
 
 
 def task_check():
     """Validate the dataset and input files before any stage runs."""
-    files = [str(PATHS.data(CFG.data.path)), str(PATHS.data(CFG.quantize.calibration))]
+    files = [rel(PATHS.data(CFG.data.path)), rel(PATHS.data(CFG.quantize.calibration))]
     return {
         "actions": [STAGE_CMD + ["check"] + CONFIG_ARGS],
         "file_dep": files,
@@ -56,15 +64,15 @@ def task_check():
 
 def _stage_task(stage):
     def make():
-        file_dep = [str(PATHS.manifest(up)) for up in stage.upstream]
-        file_dep += [str(PATHS.data(f)) for f in stage.files(CFG)]
-        file_dep += [str(ROOT / code) for code in stage.code + COMMON_CODE]
+        file_dep = [rel(PATHS.manifest(up)) for up in stage.upstream]
+        file_dep += [rel(PATHS.data(f)) for f in stage.files(CFG)]
+        file_dep += list(stage.code + COMMON_CODE)
         return {
             "doc": stage.doc,
             "actions": [STAGE_CMD + ["stage", stage.name] + CONFIG_ARGS],
             "file_dep": file_dep,
             "task_dep": ["check"],
-            "targets": [str(PATHS.manifest(stage.name))],
+            "targets": [rel(PATHS.manifest(stage.name))],
             "uptodate": [config_changed(config_fingerprint(CFG, stage))],
             "clean": [(shutil.rmtree, [str(PATHS.stage(stage.name)), True])],
             "verbosity": 2,
@@ -73,8 +81,6 @@ def _stage_task(stage):
     make.__doc__ = stage.doc
     return make
 
-
-from tasks.stages import COMMON_CODE  # noqa: E402
 
 for _stage in STAGES:
     globals()[f"task_{_stage.name}"] = _stage_task(_stage)
