@@ -16,6 +16,7 @@ from doit.tools import config_changed
 
 from tasks.cli_vars import config_overrides
 from tasks.config import load_config
+from tasks.doit_reporter import StageReporter
 from tasks.errors import PipelineError
 from tasks.paths import Paths
 from tasks.stages import COMMON_CODE, STAGES, config_fingerprint
@@ -38,6 +39,7 @@ DOIT_CONFIG = {
     "default_tasks": [s.name for s in STAGES],
     "verbosity": 2,
     "action_string_formatting": "new",
+    "reporter": StageReporter,
 }
 STAGE_CMD = [sys.executable, "-m", "tasks"]
 

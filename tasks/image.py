@@ -156,9 +156,12 @@ def _network_flags(network: str | None) -> list[str]:
     return ["--network", network] if network else []
 
 
-def _stream(cmd: Sequence[str], what: str, env: dict[str, str] | None = None) -> int:
-    """Run cmd with its output shown live; on failure, explain known causes in one line."""
+def _stream(cmd: Sequence[str], what: str, env: dict[str, str] | None = None,
+            log_file: str | os.PathLike | None = None) -> int:
+    """Run cmd with its output shown live (and copied to log_file); on failure, explain known causes
+    in one line."""
     tail: deque[str] = deque(maxlen=60)
+    log = open(log_file, "w", encoding="utf-8") if log_file else None
     try:
         proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 errors="replace", bufsize=1, env=env)
@@ -169,11 +172,16 @@ def _stream(cmd: Sequence[str], what: str, env: dict[str, str] | None = None) ->
         for line in proc.stdout:
             sys.stdout.write(line)
             tail.append(line)
+            if log:
+                log.write(line)
         rc = proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
         proc.wait()
         raise
+    finally:
+        if log:
+            log.close()
     if rc != 0:
         error = _explain("".join(tail), what)
         if error is not None:
@@ -244,13 +252,13 @@ def build_image(root: str | os.PathLike, target: str = "runtime", base: str | No
                 image_id_file: str | os.PathLike | None = None, *, tag: str | None = None,
                 install_extra_ca: bool = False, network: str | None = None,
                 revision: str | None = None, source_date_epoch: int | None = None,
-                build_args: dict[str, str] | None = None) -> str:
+                build_args: dict[str, str] | None = None, log_file: str | os.PathLike | None = None) -> str:
     """Build docker/Dockerfile's `target` with BuildKit; return the image id (sha256:...).
 
     base: BASE_IMAGE build argument (None: the Dockerfile's pinned CUDA default). variant: which lock.
     extra_ca: PEM file given to the build as BuildKit secret `extra_ca` (downloads only; baked into the
     image only with install_extra_ca). image_id_file: where the id is written atomically (relative
-    paths start at root); it changes only when the image does.
+    paths start at root); it changes only when the image does. log_file: copy of the build log.
     """
     root = Path(root).resolve()
     if target not in TARGETS:
@@ -282,7 +290,7 @@ def build_image(root: str | os.PathLike, target: str = "runtime", base: str | No
     cmd.append(str(root))
     env = {**os.environ, "DOCKER_BUILDKIT": "1"}
     try:
-        rc = _stream(cmd, "docker build", env=env)
+        rc = _stream(cmd, "docker build", env=env, log_file=log_file)
         if rc != 0:
             raise PipelineError(f"docker build failed (exit {rc}); the build log above names the failing step")
         image_id = iid_tmp.read_text(encoding="utf-8").strip()

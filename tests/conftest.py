@@ -1,0 +1,68 @@
+"""Shared fixtures: a real tiny project built once per session, and cheap copies of it to mutate."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("dodo.py", "pipeline.toml", "tasks", "data")
+STAGES = ("base", "quantize", "finetune", "export", "evaluate")
+LAB_DATA = REPO.parent / "shared" / "data" / "data_sample_travel.jsonl"
+
+
+def make_project(dst: Path) -> Path:
+    """A fresh project folder: the repo's code, config and data, no build outputs."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst / name)
+    return dst
+
+
+def doit(project: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "doit", *args], cwd=project, capture_output=True,
+                            text=True, env=env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"doit {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def executed(result: subprocess.CompletedProcess) -> list[str]:
+    """Stage names doit ran (lines '.  name'); up-to-date tasks print '-- name'."""
+    return [m.group(1) for m in re.finditer(r"^\.  (\w+)$", result.stdout, re.MULTILINE) if m.group(1) in STAGES]
+
+
+def manifest(project: Path, stage: str, build_dir: str = "build/tiny") -> dict:
+    folder = "package" if stage == "evaluate" else stage
+    return json.loads((project / build_dir / folder / "MANIFEST.json").read_text())
+
+
+def copy_project(src: Path, dst: Path) -> Path:
+    """Copy a built project (outputs and doit state included; mtimes kept) to mutate it safely."""
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory) -> Path:
+    """The default tiny pipeline built once, end to end, with the real libraries."""
+    project = make_project(tmp_path_factory.mktemp("built") / "project")
+    doit(project)
+    return project
+
+
+@pytest.fixture
+def project_copy(built_project, tmp_path) -> Path:
+    return copy_project(built_project, tmp_path / "project")

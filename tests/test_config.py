@@ -1,0 +1,86 @@
+"""The configuration file: typed, validated, one-line errors, command-line overrides."""
+
+import pytest
+
+from tasks.config import load_config
+from tasks.errors import PipelineError
+from tasks.stages import BY_NAME, config_fingerprint
+
+from conftest import REPO
+
+
+def write(tmp_path, text):
+    path = tmp_path / "pipeline.toml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_config_is_valid_and_uses_the_tiny_profile():
+    cfg = load_config(REPO / "pipeline.toml")
+    assert cfg.model.profile == "tiny"
+    assert cfg.model.hub_source is None
+    assert cfg.quantize.bits == 4 and cfg.quantize.group_size == 128
+    assert cfg.finetune.max_steps == 100
+
+
+def test_unknown_key_is_named_with_its_section(tmp_path):
+    with pytest.raises(PipelineError, match=r"unknown key 'finetune.rnak'"):
+        load_config(write(tmp_path, "[finetune]\nrnak = 4\n"))
+
+
+def test_bad_value_is_named(tmp_path):
+    with pytest.raises(PipelineError, match=r"quantize.group_size"):
+        load_config(write(tmp_path, "[quantize]\ngroup_size = 100\n"))
+
+
+def test_unknown_profile_lists_the_known_ones(tmp_path):
+    with pytest.raises(PipelineError, match=r"unknown profile 'phi-9'.*tiny.*phi-3.5-mini"):
+        load_config(write(tmp_path, '[model]\nprofile = "phi-9"\n'))
+
+
+def test_revision_must_be_a_full_commit(tmp_path):
+    with pytest.raises(PipelineError, match=r"not a 40-hex commit"):
+        load_config(write(tmp_path, '[model]\nprofile = "hub"\nrepo_id = "a/b"\nrevision = "main"\n'))
+
+
+def test_phi_profile_pins_a_commit(tmp_path):
+    cfg = load_config(write(tmp_path, '[model]\nprofile = "phi-3.5-mini"\n'))
+    repo_id, revision = cfg.model.hub_source
+    assert repo_id == "microsoft/Phi-3.5-mini-instruct"
+    assert len(revision) == 40 and int(revision, 16) >= 0
+
+
+def test_template_must_contain_prompt_and_response(tmp_path):
+    with pytest.raises(PipelineError, match=r"\{response\}"):
+        load_config(write(tmp_path, '[data]\ntemplate = "<|user|>{prompt}"\n'))
+
+
+def test_broken_toml_is_one_line(tmp_path):
+    with pytest.raises(PipelineError, match=r"not valid TOML") as info:
+        load_config(write(tmp_path, "[finetune\n"))
+    assert "\n" not in str(info.value)
+
+
+def test_missing_config_file_says_how_to_pass_one(tmp_path):
+    with pytest.raises(PipelineError, match=r"config=PATH"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    path = write(tmp_path, "")
+    cfg = load_config(path, ["finetune.rank=16", "build.dir=build/r16", 'finetune.target_modules=["o_proj"]'])
+    assert cfg.finetune.rank == 16 and cfg.build.dir == "build/r16"
+    assert cfg.finetune.target_modules == ("o_proj",)
+    with pytest.raises(PipelineError, match=r"finetune.rank"):
+        load_config(path, ["finetune.rank=lots"])
+    with pytest.raises(PipelineError, match=r"KEY=VALUE"):
+        load_config(path, ["finetune.rank"])
+
+
+def test_each_stage_fingerprints_only_the_sections_it_reads(tmp_path):
+    path = write(tmp_path, "")
+    a, b = load_config(path), load_config(path, ["finetune.rank=4"])
+    changed = [name for name, stage in BY_NAME.items() if config_fingerprint(a, stage) != config_fingerprint(b, stage)]
+    assert changed == ["finetune"]
+    c = load_config(path, ["quantize.group_size=64"])
+    assert [n for n, s in BY_NAME.items() if config_fingerprint(a, s) != config_fingerprint(c, s)] == ["quantize"]

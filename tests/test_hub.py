@@ -1,0 +1,61 @@
+"""The Hub path of the base stage, offline, against a local cache in the Hub's own layout holding
+the project's tiny model (nothing can be downloaded here)."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tasks.manifest import file_table
+
+pytestmark = pytest.mark.slow
+REPO_ID = "local-org/tiny-phi3"
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def make_hub_cache(model_dir, hf_home):
+    """models--org--name/{blobs/<sha256>, snapshots/<commit>/<file> -> blob, refs/main}."""
+    repo = hf_home / "hub" / f"models--{REPO_ID.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / REVISION
+    snapshot.mkdir(parents=True)
+    for path in sorted(model_dir.iterdir()):
+        if path.name == "MANIFEST.json":
+            continue
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / path.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REVISION)
+
+
+def run_base(project, hf_home, revision):
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("HF_TOKEN", None)
+    return subprocess.run(
+        [sys.executable, "-m", "tasks", "stage", "base", "--set", "model.profile=hub", "--set", f"model.repo_id={REPO_ID}",
+         "--set", f"model.revision={revision}", "--set", "build.dir=build/hub"],
+        cwd=project, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_hub_profile_fetches_the_pinned_commit_from_the_local_cache_offline(project_copy, tmp_path):
+    tiny_base = project_copy / "build/tiny/base"
+    make_hub_cache(tiny_base, tmp_path / "hf")
+    result = run_base(project_copy, tmp_path / "hf", REVISION)
+    assert result.returncode == 0, result.stderr
+    fetched = project_copy / "build/hub/base"
+    assert file_table(fetched) == file_table(tiny_base)
+    manifest = (fetched / "MANIFEST.json").read_text()
+    assert REVISION in manifest and REPO_ID in manifest
+
+
+def test_hub_commit_missing_from_the_cache_offline_is_one_clear_line(project_copy, tmp_path):
+    make_hub_cache(project_copy / "build/tiny/base", tmp_path / "hf")
+    result = run_base(project_copy, tmp_path / "hf", "f" * 40)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert "not in the local HF cache" in result.stderr
+    assert not (project_copy / "build/hub/base").exists()

@@ -1,0 +1,103 @@
+"""The core promise, with the real tiny pipeline: one command builds the package, and only what is
+stale rebuilds."""
+
+import json
+
+import pytest
+
+from tasks.manifest import file_table, sha256_file
+
+from conftest import STAGES, doit, executed, manifest
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_build_produces_a_package_with_int4_base_adapter_report_and_model_card(built_project):
+    package = built_project / "build/tiny/package"
+    for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "travel.onnx_adapter",
+                 "report.json", "report.md", "speed.json", "README.md", "MANIFEST.json"):
+        assert (package / name).is_file(), name
+    check = json.loads((package / "export_check.json").read_text())
+    for label in ("base", "adapter"):
+        assert check[label]["max_abs_diff"] < 0.01 and check[label]["min_cosine"] > 0.99999
+    report = json.loads((package / "report.json").read_text())
+    loss = report["loss"]
+    assert loss["with_adapter"]["loss"] < loss["without_adapter"]["loss"], "the adapter should fit the travel data"
+    assert any(g["with_adapter"] != g["without_adapter"] for g in report["generations"])
+    assert all(g["with_adapter"].strip() for g in report["generations"])
+    finetune_metrics = json.loads((built_project / "build/tiny/finetune/metrics.json").read_text())
+    assert finetune_metrics["heldout_loss_after"] < finetune_metrics["heldout_loss_before"]
+
+
+def test_every_manifest_matches_its_files_and_chains_to_its_inputs(built_project):
+    for stage in STAGES:
+        folder = built_project / "build/tiny" / ("package" if stage == "evaluate" else stage)
+        m = manifest(built_project, stage)
+        assert m["files"] == file_table(folder), stage
+        for upstream, digest in m["inputs"].items():
+            up = "package" if upstream == "evaluate" else upstream
+            assert digest == sha256_file(built_project / "build/tiny" / up / "MANIFEST.json")
+    assert manifest(built_project, "finetune")["input_files"].keys() == {"data/travel_qa.jsonl"}
+    assert "torch" in manifest(built_project, "quantize")["packages"]
+
+
+def test_second_run_executes_nothing(built_project):
+    result = doit(built_project)
+    assert executed(result) == []
+    assert result.stdout.count("-- ") >= len(STAGES)
+
+
+def test_editing_dataset_rebuilds_only_finetune_and_later(project_copy):
+    with open(project_copy / "data/travel_qa.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"prompt": "Is Oslo walkable?", "response": "Yes, the centre is compact."}) + "\n")
+    info = doit(project_copy, "info", "finetune", check=False)  # exit 1 = "would run"
+    assert "file dependencies have changed" in info.stdout and "- data/travel_qa.jsonl" in info.stdout
+    assert executed(doit(project_copy)) == ["finetune", "export", "evaluate"]
+
+
+def test_editing_calibration_text_rebuilds_quantize_and_later(project_copy):
+    with open(project_copy / "data/calibration.txt", "a", encoding="utf-8") as fh:
+        fh.write("Porto's riverside cellars open for tastings in the late afternoon, and the bridge glows at dusk.\n")
+    assert executed(doit(project_copy)) == ["quantize", "finetune", "export", "evaluate"]
+
+
+def test_changing_only_the_lora_rank_rebuilds_finetune_and_later(project_copy):
+    before = manifest(project_copy, "quantize")
+    assert executed(doit(project_copy, "finetune.rank=4")) == ["finetune", "export", "evaluate"]
+    assert manifest(project_copy, "quantize") == before
+    assert manifest(project_copy, "finetune")["config"]["finetune"]["rank"] == 4
+
+
+def test_changing_awq_group_size_rebuilds_quantize_and_later(project_copy):
+    assert executed(doit(project_copy, "quantize.group_size=64")) == ["quantize", "finetune", "export", "evaluate"]
+    assert json.loads((project_copy / "build/tiny/quantize/config.json").read_text())["quantization_config"]["group_size"] == 64
+
+
+def test_a_stage_that_reproduces_identical_bytes_does_not_cascade(project_copy):
+    code = project_copy / "tasks/base_model.py"
+    code.write_text(code.read_text() + "\n# a comment changes the code digest, not the output\n")
+    before = sha256_file(project_copy / "build/tiny/base/MANIFEST.json")
+    assert executed(doit(project_copy)) == ["base"]
+    assert sha256_file(project_copy / "build/tiny/base/MANIFEST.json") == before
+
+
+def test_clean_removes_a_stage_and_the_next_run_rebuilds_only_it(project_copy):
+    doit(project_copy, "clean", "export")
+    assert not (project_copy / "build/tiny/export").exists()
+    # export comes back byte-identical, so evaluate (which depends on its manifest) stays up to date
+    assert executed(doit(project_copy)) == ["export"]
+
+
+def test_list_shows_every_stage_with_its_doc(built_project):
+    out = doit(built_project, "list").stdout
+    for stage in STAGES:
+        assert stage in out
+    assert "AWQ 4-bit" in out and "LoRA" in out
+
+
+def test_variant_build_from_the_command_line_goes_to_its_own_folder(project_copy):
+    default_package = sha256_file(project_copy / "build/tiny/package/MANIFEST.json")
+    result = doit(project_copy, "build.dir=build/fewsteps", "finetune.max_steps=5", "finetune", check=True)
+    assert executed(result) == ["base", "quantize", "finetune"]
+    assert manifest(project_copy, "finetune", "build/fewsteps")["config"]["finetune"]["max_steps"] == 5
+    assert sha256_file(project_copy / "build/tiny/package/MANIFEST.json") == default_package
