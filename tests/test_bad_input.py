@@ -27,7 +27,7 @@ def expect_refusal(project, args, pattern):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout
     lines = error_lines(result)
-    assert len(lines) == 1, result.stderr
+    assert len(lines) == 1, (result.stdout, result.stderr)
     assert pytest.importorskip("re").search(pattern, lines[0]), lines[0]
     assert executed(result) == []
     assert digests(project) == before

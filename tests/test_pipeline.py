@@ -101,3 +101,16 @@ def test_variant_build_from_the_command_line_goes_to_its_own_folder(project_copy
     assert executed(result) == ["base", "quantize", "finetune"]
     assert manifest(project_copy, "finetune", "build/fewsteps")["config"]["finetune"]["max_steps"] == 5
     assert sha256_file(project_copy / "build/tiny/package/MANIFEST.json") == default_package
+
+
+def test_export_fails_past_its_logit_bound_and_keeps_the_previous_package(project_copy):
+    before = {s: sha256_file(project_copy / "build/tiny" / d / "MANIFEST.json")
+              for s, d in (("export", "export"), ("evaluate", "package"))}
+    result = doit(project_copy, "export.max_abs_logit_diff=1e-9", check=False)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "too far from the AWQ checkpoint" in errors[0], result.stderr
+    after = {s: sha256_file(project_copy / "build/tiny" / d / "MANIFEST.json")
+             for s, d in (("export", "export"), ("evaluate", "package"))}
+    assert after == before
+    assert not list((project_copy / "build/tiny/.staging").iterdir())
