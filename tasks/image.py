@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import json
 import os
 import shutil
@@ -38,7 +39,7 @@ from tasks.errors import PipelineError
 
 DOCKERFILE = Path("docker/Dockerfile")
 IMAGE_NAME = "ondevice-llm-build"
-TARGETS = ("runtime", "dev")
+TARGETS = ("runtime", "dev", "deps")   # deps: the os + dependency layers only (tests compare layers)
 VARIANTS = ("cuda", "cpu")
 GPU_MODES = ("auto", "all", "none")
 WORKSPACE = "/workspace"           # where the Dockerfile puts the project and where run mounts it
@@ -279,7 +280,10 @@ def build_image(root: str | os.PathLike, target: str = "runtime", base: str | No
     if base:
         args["BASE_IMAGE"] = base
     if install_extra_ca:
+        # BuildKit leaves secrets out of its cache key: the CA's digest (not secret) makes a changed CA
+        # reinstall instead of reusing the layer made with the old one.
         args["INSTALL_EXTRA_CA"] = "true"
+        args["EXTRA_CA_SHA256"] = hashlib.sha256(_check_ca(extra_ca).read_bytes()).hexdigest()
     cmd = [cli, "build", "--progress", "plain", "-f", str(root / DOCKERFILE), "--target", target,
            "--iidfile", str(iid_tmp), "-t", tag or f"{IMAGE_NAME}:{target}-{variant}"]
     for key, value in args.items():
@@ -389,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build docker/Dockerfile and record the image id")
     b.add_argument("--root", default=".")
-    b.add_argument("--target", choices=TARGETS, default="runtime")
+    b.add_argument("--target", choices=TARGETS[:2], default="runtime")
     b.add_argument("--variant", choices=VARIANTS, default=os.environ.get("PIPELINE_IMAGE_VARIANT", "cuda"))
     b.add_argument("--base", default=os.environ.get("PIPELINE_IMAGE_BASE") or None,
                    help="BASE_IMAGE build argument (default: the Dockerfile's pinned CUDA image)")

@@ -134,6 +134,15 @@ def _manifest_files(build_dir: Path) -> dict[str, dict]:
             if (build_dir / stage / "MANIFEST.json").is_file()}
 
 
+def _layers(image_id: str) -> list[str]:
+    return json.loads(_docker("image", "inspect", "--format", "{{json .RootFS.Layers}}", image_id).stdout)
+
+
+def deps_layers(context: Path, extra_ca: dict) -> list[str]:
+    """Layers of the `deps` stage (base + os + locked dependencies), from the build cache."""
+    return _layers(img.build_image(context, "deps", LOCAL_BASE, VARIANT, extra_ca["file"], None, tag=f"{TAG}:deps"))
+
+
 def _run_in(root: Path, image_id: str, argv: list[str], capfd=None, **kw) -> tuple[int, str]:
     """run_in_image as the caller; as root, as RUN_USER, owning the workspace copy (like a host user)."""
     user = None
@@ -338,13 +347,25 @@ def test_no_token_and_no_ca_in_any_layer(runtime, extra_ca):
     for text in (history, inspect):
         assert TOKEN not in text
         assert extra_ca["planted"].split()[2] not in text
-    image_bundle = _docker("run", "--rm", runtime["id"], "cat", "/etc/ssl/certs/ca-certificates.crt").stdout
-    proxy_only = [b for b in extra_ca["host_blocks"] if b not in image_bundle]   # e.g. the proxy's CA
+    # The host's bundle holds public roots that the image has too, legitimately (Debian's
+    # ca-certificates, certifi and pip's vendored certifi). What none of those public stores has is the
+    # proxy's CA. The reference stores come from outside the image under test: the local base and the
+    # host's certifi copies (same lock).
+    import certifi
+    from pip._vendor import certifi as pip_certifi
+
+    public = _docker("run", "--rm", LOCAL_BASE, "sh", "-c",
+                     "cat /etc/ssl/certs/ca-certificates.crt /usr/share/ca-certificates/*/*.crt "
+                     "$(find / -xdev -name cacert.pem 2>/dev/null)").stdout
+    public += Path(certifi.where()).read_text() + Path(pip_certifi.where()).read_text()
+    public = "".join(public.split())
+    proxy_only = [b for b in extra_ca["host_blocks"] if "".join(b.split()) not in public]
     needles = {"token": TOKEN.encode(), "planted CA": _needles_of_pem(extra_ca["planted"])}
     needles.update({f"extra CA #{i}": _needles_of_pem(b) for i, b in enumerate(proxy_only)})
     start = time.monotonic()
     found = _scan_image(runtime["id"], needles)
-    _report(layer_scan_seconds=round(time.monotonic() - start, 1), layer_scan_needles=sorted(needles))
+    _report(layer_scan_seconds=round(time.monotonic() - start, 1), layer_scan_needles=sorted(needles),
+            layer_scan_proxy_cas=len(proxy_only))
     assert found == {name: [] for name in needles}
 
 
@@ -368,10 +389,9 @@ def test_dev_target_has_tools_and_runtime_stays_lean(runtime, context, extra_ca)
     assert out.startswith("app\n") and "git version" in out and "sudo-ok" in out
     lean = _docker("run", "--rm", runtime["id"], "bash", "-c", "command -v git sudo || true").stdout
     assert lean.strip() == ""
-    dev_layers = json.loads(_docker("image", "inspect", "--format", "{{json .RootFS.Layers}}", dev).stdout)
-    rt_layers = json.loads(_docker("image", "inspect", "--format", "{{json .RootFS.Layers}}", runtime["id"]).stdout)
-    shared = len([1 for a, b in zip(dev_layers, rt_layers) if a == b])
-    assert shared >= len(rt_layers) - 2, "dev and runtime must share the os and deps layers"
+    deps = deps_layers(context, extra_ca)
+    for image_id in (dev, runtime["id"]):
+        assert _layers(image_id)[: len(deps)] == deps, "dev and runtime must share the os and deps layers"
 
 
 def test_test_suite_subset_runs_in_the_image(runtime, context, capfd):
@@ -408,9 +428,21 @@ def test_tiny_build_in_container_equals_host_build(runtime, context, capfd):
     other_keys = {stage: sorted(k for k in set(in_container[stage]) | set(on_host[stage])
                                 if k != "files" and in_container[stage].get(k) != on_host[stage].get(k))
                   for stage in STAGES}
+    # The one file that is not reproducible by design (tasks/evaluate.py): measured decode speed. Its
+    # difference is allowed only in the measured numbers.
+    explained = {}
+    if set(differences.get("package", {})) == {"speed.json"}:
+        a, b = (json.loads((context / "build" / d / "package" / "speed.json").read_text()) for d in ("tiny-container", "tiny-host"))
+        a.pop("decode_tokens_per_s"), b.pop("decode_tokens_per_s")
+        if a == b:
+            explained["package/speed.json"] = "measured decode tokens/s (timing), see tasks/evaluate.py"
+            del differences["package"]
     _report(tiny_build_container_seconds=round(container_s, 1), tiny_build_host_seconds=round(host_s, 1),
-            manifest_files_differences=differences, manifest_other_keys_differing=other_keys)
+            manifest_files_differences=differences, manifest_differences_explained=explained,
+            manifest_other_keys_differing=other_keys,
+            manifest_files_compared=sum(len(in_container[s]["files"]) for s in STAGES))
     assert differences == {}, json.dumps(differences, indent=1)[:4000]
+    assert all(keys == [] for keys in other_keys.values()), other_keys
 
 
 def test_code_only_change_does_not_reinstall_dependencies(runtime, context, extra_ca, tmp_path):
@@ -428,9 +460,9 @@ def test_code_only_change_does_not_reinstall_dependencies(runtime, context, extr
     assert step, log[-3000:]
     assert re.search(rf"^#{step.group(1)} CACHED$", log, re.M), f"deps layer was rebuilt:\n{log[-3000:]}"
     assert "Installing collected packages" not in log
-    old_layers = json.loads(_docker("image", "inspect", "--format", "{{json .RootFS.Layers}}", runtime["id"]).stdout)
-    new_layers = json.loads(_docker("image", "inspect", "--format", "{{json .RootFS.Layers}}", new_id).stdout)
-    assert new_layers[:-1] == old_layers[:-1] and new_layers[-1] != old_layers[-1], "only the code layer may change"
+    deps, old_layers, new_layers = deps_layers(context, extra_ca), _layers(runtime["id"]), _layers(new_id)
+    assert new_layers[: len(deps)] == old_layers[: len(deps)] == deps, "the os and deps layers must be reused"
+    assert new_layers != old_layers, "the code layer must change"
     assert (context / "build" / "image" / "runtime-cpu.id").read_text().strip() == new_id
     _report(code_only_rebuild_seconds=round(seconds, 1))
     print(f"code-only rebuild {seconds:.0f} s (first build {runtime['seconds']:.0f} s)")
