@@ -56,6 +56,7 @@ def test_hub_commit_missing_from_the_cache_offline_is_one_clear_line(project_cop
     make_hub_cache(project_copy / "build/tiny/base", tmp_path / "hf")
     result = run_base(project_copy, tmp_path / "hf", "f" * 40)
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
-    assert "not in the local HF cache" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "not in the local HF cache" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
     assert not (project_copy / "build/hub/base").exists()
