@@ -94,6 +94,10 @@ def _explain(output: str, what: str) -> PipelineError | None:
             f"{what}: the NVIDIA container runtime is missing or broken on this Docker host: install the "
             "NVIDIA Container Toolkit, run `sudo nvidia-ctk runtime configure --runtime=docker` and restart "
             "Docker; or run on the CPU with --gpus none")
+    if "network bridge not found" in text:
+        return PipelineError(
+            f"{what}: Docker's default bridge network is off on this host: set PIPELINE_DOCKER_NETWORK=host "
+            "(build and run with host networking)")
     if "buildx component is missing" in text or "buildkit is enabled but the buildx" in text:
         return PipelineError(
             f"{what}: this docker client needs the buildx plugin for BuildKit builds: install it "
