@@ -8,11 +8,13 @@
 
 import json
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
 
 from doit import get_var
+from doit.action import CmdAction
 from doit.tools import config_changed
 
 from tasks.cli_vars import config_overrides
@@ -95,3 +97,39 @@ def _stage_task(stage):
 
 for _stage in STAGES:
     globals()[f"task_{_stage.name}"] = _stage_task(_stage)
+
+
+# --- the toolchain image (docker/Dockerfile); never part of the default build --------------------
+# `image_variant` has no dot on purpose: dotted command-line names are config overrides.
+IMAGE_VARIANT = get_var("image_variant", os.environ.get("PIPELINE_IMAGE_VARIANT", "cuda"))
+IMAGE_ID_FILE = f"build/image/runtime-{IMAGE_VARIANT}.id"
+IMAGE_CMD = [sys.executable, "-m", "tasks.image"]
+
+
+def task_image():
+    """Build the toolchain image (runtime target) with BuildKit and record its id in build/image/."""
+    return {
+        "actions": [IMAGE_CMD + ["build", "--target", "runtime", "--variant", IMAGE_VARIANT, "--iidfile", IMAGE_ID_FILE]],
+        "targets": [IMAGE_ID_FILE],
+        # BuildKit's own context hashing decides what to rebuild (~1 s when nothing changed); the id
+        # file is rewritten only when the id changes, so tasks depending on it see real changes only.
+        "uptodate": [False],
+        "verbosity": 2,
+    }
+
+
+def task_incontainer():
+    """Run the pipeline inside the image: `doit incontainer [STAGE ...]` (config overrides pass through)."""
+    def command(stages):
+        inner = ["doit"] + ([f"config={CONFIG}"] if CONFIG != "pipeline.toml" else []) + list(OVERRIDES) + list(stages)
+        gpus = os.environ.get("PIPELINE_GPUS", "auto")
+        return shlex.join(IMAGE_CMD + ["run", "--iidfile", IMAGE_ID_FILE, "--gpus", gpus, "--"] + inner)
+
+    return {
+        "actions": [CmdAction(command)],
+        "pos_arg": "stages",
+        "file_dep": [IMAGE_ID_FILE],
+        "task_dep": ["image"],
+        "uptodate": [False],
+        "verbosity": 2,
+    }

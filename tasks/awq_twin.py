@@ -10,11 +10,22 @@ taken from the AWQ checkpoint. A LoRA trained on the twin is trained against the
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
+
+
+def import_awq_quietly() -> None:
+    """AutoAWQ's package import forces its multi-line deprecation notice through the warning
+    filters (it installs its own filter first); import it once with warnings captured instead of
+    shown (the notice is recorded in the README)."""
+    with warnings.catch_warnings(record=True):
+        import awq  # noqa: F401
 
 
 def dequantized_state_dict(awq_dir: Path, dtype=None) -> dict:
     import torch
+
+    import_awq_quietly()
     from awq.utils.packing_utils import dequantize_gemm
     from safetensors.torch import load_file
 

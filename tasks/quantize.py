@@ -16,6 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
+from tasks.awq_twin import import_awq_quietly
 from tasks.config import QuantizeSection
 from tasks.errors import PipelineError
 
@@ -29,6 +30,7 @@ CARRIED_FILES = (
 
 
 def _cloning_quantizer_cls():
+    import_awq_quietly()
     from awq.quantize.quantizer import AwqQuantizer
 
     class CloningAwqQuantizer(AwqQuantizer):
@@ -84,6 +86,8 @@ def build(base: Path, section: QuantizeSection, calibration: Path, device: str, 
           trust_remote_code: bool = False) -> dict:
     select_device(device)
     import torch
+
+    import_awq_quietly()
     from awq import AutoAWQForCausalLM
     from transformers import AutoTokenizer
 

@@ -43,6 +43,9 @@ def stage_logging(path: Path) -> Iterator[None]:
     to_term = logging.StreamHandler(sys.stderr)
     to_term.setFormatter(logging.Formatter("  %(message)s"))
     to_term.setLevel(logging.INFO)
+    # The terminal shows our own progress and everyone's warnings; libraries' info chatter (the
+    # builder logs one line per node) goes to the log file only.
+    to_term.addFilter(lambda r: r.name.startswith(("tasks", "progress")) or r.levelno >= logging.WARNING)
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     root.addHandler(to_file)
