@@ -7,7 +7,7 @@ import pytest
 
 from tasks.manifest import file_table, sha256_file
 
-from conftest import STAGES, doit, executed, manifest
+from conftest import LAB_DATA, STAGES, doit, executed, manifest
 
 pytestmark = pytest.mark.slow
 
@@ -114,3 +114,14 @@ def test_export_fails_past_its_logit_bound_and_keeps_the_previous_package(projec
              for s, d in (("export", "export"), ("evaluate", "package"))}
     assert after == before
     assert not list((project_copy / "build/tiny/.staging").iterdir())
+
+
+@pytest.mark.skipif(not LAB_DATA.exists(), reason="the lab's dataset is not present on this machine")
+def test_the_labs_own_dataset_builds_a_package_with_a_working_adapter(project_copy):
+    """An outside input: the Olive lab's travel data (CRLF lines, no final newline), never committed."""
+    result = doit(project_copy, f"data.path={LAB_DATA}")
+    assert executed(result) == ["finetune", "export", "evaluate"]
+    m = manifest(project_copy, "finetune")
+    assert m["facts"]["heldout_loss_after"] < m["facts"]["heldout_loss_before"]
+    report = json.loads((project_copy / "build/tiny/package/report.json").read_text())
+    assert report["heldout_records"] == 29  # 10% of the lab's 289 records
