@@ -23,6 +23,7 @@ from tasks.doit_reporter import StageReporter
 from tasks.errors import PipelineError
 from tasks.paths import Paths
 from tasks.stages import COMMON_CODE, STAGES, config_fingerprint
+from tasks.workspace_lock import READ_ONLY_COMMANDS, doit_command, hold_build_lock
 
 ROOT = Path(__file__).resolve().parent
 CONFIG = get_var("config", "pipeline.toml")
@@ -34,6 +35,12 @@ except PipelineError as exc:
     sys.exit(exc.exit_code)
 PATHS = Paths.of(ROOT, CFG)
 PATHS.build.mkdir(parents=True, exist_ok=True)
+if doit_command(sys.argv) not in READ_ONLY_COMMANDS:
+    try:
+        _BUILD_LOCK = hold_build_lock(PATHS.build)  # held until this process exits
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
 
 DOIT_CONFIG = {
     # Explicit backend: the default (dbm) differs between interpreters; sqlite3 commits atomically.
@@ -123,7 +130,9 @@ def task_incontainer():
     def command(stages):
         inner = ["doit"] + ([f"config={CONFIG}"] if CONFIG != "pipeline.toml" else []) + list(OVERRIDES) + list(stages)
         gpus = os.environ.get("PIPELINE_GPUS", "auto")
-        return shlex.join(IMAGE_CMD + ["run", "--iidfile", IMAGE_ID_FILE, "--gpus", gpus, "--"] + inner)
+        # This doit holds the build folder's lock; the one in the container works under it.
+        return "PIPELINE_BUILD_LOCK_HELD=1 " + shlex.join(
+            IMAGE_CMD + ["run", "--iidfile", IMAGE_ID_FILE, "--gpus", gpus, "--"] + inner)
 
     return {
         "actions": [CmdAction(command)],

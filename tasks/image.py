@@ -45,7 +45,9 @@ GPU_MODES = ("auto", "all", "none")
 WORKSPACE = "/workspace"           # where the Dockerfile puts the project and where run mounts it
 HF_CACHE = "/cache/huggingface"    # HF_HOME inside the image
 # Passed through to the container by name (`-e NAME`), so values never appear on a command line.
-PASSTHROUGH_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES")
+# PIPELINE_BUILD_LOCK_HELD: `doit incontainer` already holds the build folder's lock on the host
+# (tasks/workspace_lock.py); the doit inside the container must not wait for it.
+PASSTHROUGH_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES", "PIPELINE_BUILD_LOCK_HELD")
 
 
 def default_iidfile(target: str = "runtime", variant: str = "cuda") -> Path:

@@ -125,3 +125,26 @@ def test_the_labs_own_dataset_builds_a_package_with_a_working_adapter(project_co
     assert m["facts"]["heldout_loss_after"] < m["facts"]["heldout_loss_before"]
     report = json.loads((project_copy / "build/tiny/package/report.json").read_text())
     assert report["heldout_records"] == 29  # 10% of the lab's 289 records
+
+
+def test_a_second_doit_on_the_same_build_folder_exits_naming_the_first(project_copy):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    with open(project_copy / "data/travel_qa.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"prompt": "Is Oslo walkable?", "response": "Yes, the centre is compact."}) + "\n")
+    first = subprocess.Popen([sys.executable, "-m", "doit"], cwd=project_copy, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    log = project_copy / "build/tiny/logs/finetune.log"
+    while first.poll() is None and not (log.is_file() and "building into" in log.read_text()):
+        time.sleep(0.1)
+    second = doit(project_copy, check=False)
+    assert second.returncode != 0
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"pid {first.pid}" in errors[0], second.stderr
+    assert doit(project_copy, "list").returncode == 0  # read-only commands do not wait
+    first.communicate(timeout=600)
+    assert first.returncode == 0
+    assert executed(doit(project_copy)) == []
