@@ -82,6 +82,11 @@ def task_check():
     }
 
 
+def task_verify():
+    """Re-hash every stage output against its MANIFEST.json; damaged stages and later become stale."""
+    return {"actions": [STAGE_CMD + ["verify"] + CONFIG_ARGS], "uptodate": [False], "verbosity": 2}
+
+
 def _stage_task(stage):
     def make():
         file_dep = [rel(PATHS.manifest(up)) for up in stage.upstream]

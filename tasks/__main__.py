@@ -17,7 +17,8 @@ from tasks.errors import PipelineError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("stage", "build one stage (doit calls this)"), ("check", "validate config and inputs")):
+    for name, help_text in (("stage", "build one stage (doit calls this)"), ("check", "validate config and inputs"),
+                            ("verify", "re-hash outputs against their manifests")):
         p = sub.add_parser(name, help=help_text)
         if name == "stage":
             p.add_argument("name")
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.root)
         cfg = load_config(root / args.config, args.set)
         paths = Paths.of(root, cfg)
+        if args.command == "verify":
+            from tasks.verify import verify
+
+            verify(paths)
+            return 0
         if args.command == "check":
             from tasks.preflight import preflight
 

@@ -11,7 +11,7 @@ class StageReporter(ConsoleReporter):
     def _write_failure(self, result, write_exception=True):
         task, exc = result["task"].name, result["exception"]
         if exc.get_name() == "TaskFailed":  # the action ran and already explained itself
-            self.write(f"FAILED: {task}: see the error above; earlier outputs are unchanged (stage logs: <build.dir>/logs/)\n")
+            self.write(f"FAILED: {task}: see the error above (stage logs: <build.dir>/logs/)\n")
             return
         detail = " ".join(exc.get_msg().split()).removeprefix("ERROR: ")
         self.write(f"FAILED: {task}\n")

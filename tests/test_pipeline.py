@@ -148,3 +148,18 @@ def test_a_second_doit_on_the_same_build_folder_exits_naming_the_first(project_c
     first.communicate(timeout=600)
     assert first.returncode == 0
     assert executed(doit(project_copy)) == []
+
+
+def test_verify_names_a_damaged_file_and_the_next_build_redoes_that_stage_and_later(project_copy):
+    assert "matches its manifest" in doit(project_copy, "verify").stdout
+    weights = project_copy / "build/tiny/finetune/adapter/adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    (project_copy / "build/tiny/export/stray.txt").write_text("not built by us")
+    result = doit(project_copy, "verify", check=False)
+    assert result.returncode != 0
+    assert "finetune: changed adapter/adapter_model.safetensors" in result.stdout
+    assert "export: extra stray.txt" in result.stdout
+    assert executed(doit(project_copy)) == ["finetune", "export", "evaluate"]
+    assert "matches its manifest" in doit(project_copy, "verify").stdout

@@ -1,0 +1,48 @@
+"""Re-hash every published stage output against its MANIFEST.json.
+
+doit trusts a stage while its MANIFEST.json is unchanged; a file damaged later inside the folder (disk
+fault, a stray edit) would go unnoticed. ``doit verify`` names every missing, extra or changed file,
+and for a damaged stage removes its manifest and those of every stage after it, so the next ``doit``
+rebuilds exactly those stages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from tasks.errors import PipelineError
+from tasks.manifest import MANIFEST, file_table
+from tasks.paths import Paths
+from tasks.stages import STAGES, upstream_closure
+
+log = logging.getLogger("tasks.verify")
+
+
+def differences(listed: dict, actual: dict) -> list[str]:
+    problems = [f"missing {name}" for name in sorted(listed.keys() - actual.keys())]
+    problems += [f"extra {name}" for name in sorted(actual.keys() - listed.keys())]
+    problems += [f"changed {name}" for name in sorted(listed.keys() & actual.keys()) if listed[name] != actual[name]]
+    return problems
+
+
+def verify(paths: Paths) -> dict[str, list[str]]:
+    """{stage: problems} for every damaged stage; damaged stages and their dependents are made stale."""
+    damaged: dict[str, list[str]] = {}
+    for stage in STAGES:
+        folder = paths.stage(stage.name)
+        if not (folder / MANIFEST).is_file():
+            continue
+        listed = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
+        problems = differences(listed, file_table(folder))
+        if problems:
+            damaged[stage.name] = problems
+    stale = [s.name for s in STAGES if s.name in damaged or set(upstream_closure(s.name)) & damaged.keys()]
+    for name in stale:
+        (paths.manifest(name)).unlink(missing_ok=True)
+    for name, problems in damaged.items():
+        print(f"{name}: {'; '.join(problems)}")
+    if damaged:
+        raise PipelineError(f"damaged outputs in {', '.join(damaged)}; marked stale: {', '.join(stale)}; run `doit` to rebuild them")
+    print(f"verify: every stage output in {paths.build} matches its manifest")
+    return damaged
