@@ -137,7 +137,9 @@ def build(awq_dir: Path, data: DataSection, section: FinetuneSection, dataset: P
                 log.info("step %d: train loss %.4f, held-out loss %.4f", step, loss.item(), eval_loss)
             advance(f"loss {loss.item():.3f}")
 
-    model.save_pretrained(out / "adapter", safe_serialization=True)
+    # save_embedding_layers=False: "auto" makes peft look the base model up on the Hub (a network
+    # call from an offline build) only to learn whether embeddings changed; LoRA never touches them.
+    model.save_pretrained(out / "adapter", safe_serialization=True, save_embedding_layers=False)
     _normalise_adapter_config(out / "adapter" / "adapter_config.json")
     with open(out / "heldout.jsonl", "w", encoding="utf-8") as fh:
         for r in held:
