@@ -43,6 +43,7 @@ def test_sigkill_mid_stage_then_doit_completes_and_adopts_nothing_partial(projec
         args = ["export.check_prompts=4"]
     old_manifest = sha256_file(project_copy / "build/tiny" / stage / "MANIFEST.json")
     log = project_copy / "build/tiny/logs" / f"{stage}.log"
+    log.unlink()  # the copied project holds the previous build's log; wait for this run's marker
     proc = subprocess.Popen([sys.executable, "-m", "doit", *args], cwd=project_copy, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -56,6 +57,8 @@ def test_sigkill_mid_stage_then_doit_completes_and_adopts_nothing_partial(projec
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    staging = project_copy / "build/tiny/.staging"
+    assert any(p.name.startswith(f"{stage}.") for p in staging.iterdir()), "killed before the stage was writing"
     # The killed stage left its previous complete output (or none), never a partial one.
     current = project_copy / "build/tiny" / stage / "MANIFEST.json"
     assert not current.exists() or sha256_file(current) == old_manifest

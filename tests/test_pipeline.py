@@ -135,9 +135,10 @@ def test_a_second_doit_on_the_same_build_folder_exits_naming_the_first(project_c
 
     with open(project_copy / "data/travel_qa.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"prompt": "Is Oslo walkable?", "response": "Yes, the centre is compact."}) + "\n")
-    first = subprocess.Popen([sys.executable, "-m", "doit"], cwd=project_copy, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     log = project_copy / "build/tiny/logs/finetune.log"
+    log.unlink()  # the copied project has the previous build's log: wait for this run's
+    first = subprocess.Popen([sys.executable, "-m", "doit"], cwd=project_copy, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     while first.poll() is None and not (log.is_file() and "building into" in log.read_text()):
         time.sleep(0.1)
     second = doit(project_copy, check=False)
@@ -145,8 +146,7 @@ def test_a_second_doit_on_the_same_build_folder_exits_naming_the_first(project_c
     errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and f"pid {first.pid}" in errors[0], second.stderr
     assert doit(project_copy, "list").returncode == 0  # read-only commands do not wait
-    first.communicate(timeout=600)
-    assert first.returncode == 0
+    assert first.wait(timeout=600) == 0
     assert executed(doit(project_copy)) == []
 
 
