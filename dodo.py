@@ -59,7 +59,6 @@ def rel(path) -> str:
     return os.path.relpath(path, ROOT)
 
 
-
 CONFIG_ARGS = ["--config", CONFIG, "--root", "."] + [a for o in OVERRIDES for a in ("--set", o)]
 
 
@@ -67,7 +66,7 @@ def _input_stamp() -> str:
     """Size and mtime of the input files (or 'missing'): cheap, and a missing file makes `check`
     run and explain itself instead of doit failing on a missing file_dep."""
     stamps = {}
-    for rel_path in (CFG.data.path, CFG.quantize.calibration, CFG.model.tiny.tokenizer_corpus):
+    for rel_path in sorted({f for stage in STAGES for f in stage.files(CFG)}):
         path = PATHS.data(rel_path)
         stamps[rel_path] = [path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else "missing"
     return json.dumps(stamps, sort_keys=True)

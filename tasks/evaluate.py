@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from tasks.config import EvaluateSection, ExportSection
-from tasks.data import prompt_part
+from tasks.data import Record, prompt_part, render
 from tasks.errors import PipelineError
 from tasks.export import ADAPTER_SUFFIX
 from tasks.genai import all_logits, open_model, stream
@@ -44,8 +44,7 @@ def response_loss(model, adapters, adapter, tokenizer, template: str, record: di
     import numpy as np
 
     prompt_ids = list(tokenizer.encode(prompt_part(template, record["prompt"])))
-    full = template.replace("{prompt}", record["prompt"]).replace("{response}", record["response"])
-    ids = list(tokenizer.encode(full))
+    ids = list(tokenizer.encode(render(template, Record(record["prompt"], record["response"], 0))))
     logits = all_logits(model, adapters, adapter, ids)
     total = 0.0
     for pos in range(len(prompt_ids), len(ids)):
@@ -68,7 +67,6 @@ def build(export_dir: Path, finetune_dir: Path, section: EvaluateSection, export
     held = [json.loads(l) for l in (finetune_dir / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
 
     quality: dict = {"adapter": name, "heldout_records": len(held), "loss": {}, "generations": []}
-    max_shift = 0.0
     for label, adapter in (("without_adapter", None), ("with_adapter", name)):
         total, count = 0.0, 0
         for record in held[: section.loss_records]:

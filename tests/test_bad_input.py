@@ -1,7 +1,7 @@
 """Bad input: one line naming problem and fix, non-zero exit, before any expensive stage, and the
 earlier good build untouched."""
 
-import json
+import re
 
 import pytest
 
@@ -28,7 +28,7 @@ def expect_refusal(project, args, pattern):
     assert "Traceback" not in result.stderr + result.stdout
     lines = error_lines(result)
     assert len(lines) == 1, (result.stdout, result.stderr)
-    assert pytest.importorskip("re").search(pattern, lines[0]), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
     assert executed(result) == []
     assert digests(project) == before
 
