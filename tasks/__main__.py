@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "chat":
             from tasks.chat import chat, find_adapters
 
-            adapter = None if args.no_adapter else (args.adapter or next(iter(find_adapters(args.package)), None))
+            folder = args.package / args.target if (args.package / args.target).is_dir() else args.package
+            adapter = None if args.no_adapter else (args.adapter or next(iter(find_adapters(folder)), None))
             return chat(args.package, adapter, args.prompt, args.max_new_tokens, args.target)
         from tasks.config import load_config
         from tasks.paths import Paths

@@ -1,4 +1,5 @@
-"""Stage 1, base model: build the tiny Phi-3 locally, or fetch a Hub model at a pinned commit.
+"""Stage 1, base model: build a random-init Phi-3 locally (tiny, or a real model's exact shape for
+benchmarks), or fetch a Hub model at a pinned commit.
 
 Output folder: a Hugging Face model folder (config.json, generation_config.json, safetensors
 weights, tokenizer files with the chat template) that the quantize stage reads.
@@ -34,7 +35,7 @@ def build(model: ModelSection, root: Path, out: Path) -> dict:
     if model.hub_source:
         repo_id, revision = model.hub_source
         return fetch_hub_model(repo_id, revision, out)
-    return build_tiny_model(model.tiny, root, out)
+    return {**build_tiny_model(model.random_spec, root, out), "profile": model.profile}
 
 
 # --- tiny -----------------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def build_tiny_model(tiny: TinyModel, root: Path, out: Path) -> dict:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("tiny model: %d parameters, vocab %d", n_params, config.vocab_size)
+    log.info("random-init model: %d parameters, vocab %d", n_params, config.vocab_size)
     return {"source": "tiny", "parameters": n_params}
 
 

@@ -20,6 +20,8 @@ def chat(package: Path, adapter: str | None, prompt: str | None, max_new_tokens:
 
     from tasks.genai import open_model, stream
 
+    if (package / target / "genai_config.json").is_file():
+        package = package / target  # a package root holds one folder per export target
     if not (package / "genai_config.json").is_file():
         raise PipelineError(f"{package} is not an ONNX Runtime GenAI package (no genai_config.json); build it with `doit`")
     available = find_adapters(package)

@@ -29,7 +29,16 @@ HUB_PROFILES: dict[str, dict[str, str]] = {
         "revision": "2fe192450127e6a83f7441aef6e3ca586c338b77",
     },
 }
-PROFILES = ("tiny", "hub", *HUB_PROFILES)
+# Random-init models with a real model's exact sizes, built locally (no download): for benchmarks
+# of speed and memory, where the weights' values do not matter. Every other config field is as in
+# the tiny profile (Phi-3.5-mini-instruct's own).
+SHAPE_PROFILES: dict[str, dict[str, int]] = {
+    "phi-3.5-mini-shape": {
+        "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "vocab_size": 32064,
+    },
+}
+PROFILES = ("tiny", "hub", *HUB_PROFILES, *SHAPE_PROFILES)
 
 
 class Section(BaseModel):
@@ -48,7 +57,7 @@ class TinyModel(Section):
 
     hidden_size: int = Field(256, ge=64)
     intermediate_size: int = Field(512, ge=64)
-    num_hidden_layers: int = Field(2, ge=1, le=8)
+    num_hidden_layers: int = Field(2, ge=1, le=64)
     num_attention_heads: int = Field(4, ge=1)
     vocab_size: int = Field(2000, ge=300, le=32064)
     seed: int = 0
@@ -65,7 +74,8 @@ class TinyModel(Section):
 
 class ModelSection(Section):
     profile: str = "tiny"
-    """tiny (built locally, offline), phi-3.5-mini (pinned Hub commit) or hub (repo_id + revision)."""
+    """tiny (built locally, offline), phi-3.5-mini (pinned Hub commit), hub (repo_id + revision) or
+    phi-3.5-mini-shape (random weights, Phi-3.5-mini's exact sizes; for benchmarks)."""
     repo_id: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
@@ -90,6 +100,14 @@ class ModelSection(Section):
                 "shown in the model's history on the Hub"
             )
         return self
+
+    @property
+    def random_spec(self) -> TinyModel | None:
+        """Sizes of a locally built random-init model (tiny or a shape profile); None for Hub models."""
+        if self.profile in SHAPE_PROFILES:
+            return TinyModel(**SHAPE_PROFILES[self.profile], seed=self.tiny.seed,
+                             tokenizer_corpus=self.tiny.tokenizer_corpus)
+        return None if self.hub_source else self.tiny
 
     @property
     def hub_source(self) -> tuple[str, str] | None:
@@ -127,6 +145,9 @@ class QuantizeSection(Section):
     calibration: str = "data/calibration.txt"
     calibration_samples: int = Field(128, ge=1)
     calibration_seq_len: int = Field(512, ge=16)
+    search: Literal["fast", "autoawq"] = "fast"
+    """Scale and clip search: "fast" (batched on the device, same choices as AutoAWQ's; see
+    tasks/awq_search.py) or "autoawq" (AutoAWQ's own loops, with the CPU fix)."""
 
 
 class FinetuneSection(Section):
@@ -151,13 +172,33 @@ class FinetuneSection(Section):
         return tuple(sorted(set(value)))
 
 
+Target = Literal["cpu", "cuda"]
+
+
 class ExportSection(Section):
-    target: Literal["cpu", "cuda"] = "cpu"
+    targets: tuple[Target, ...] = ("cpu",)
+    """Execution providers to export for, from one build; each gets its own folder <target>/."""
     adapter_name: str = Field("travel", pattern=r"^[A-Za-z0-9_.-]+$")
     check_prompts: int = Field(5, ge=1)
     max_abs_logit_diff: float = Field(0.01, gt=0)
     """Bound on |logits(ONNX) - logits(AWQ checkpoint)|; the stage fails past it."""
     min_cosine: float = Field(0.99999, gt=0, le=1)
+    cuda_max_abs_logit_diff: float = Field(0.1, gt=0)
+    """The same bound for the cuda target, which computes in fp16 (the checkpoint is compared in fp32)."""
+    cuda_min_cosine: float = Field(0.9999, gt=0, le=1)
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("targets must name each of cpu, cuda at most once, and at least one")
+        return value
+
+    def bounds(self, target: str) -> tuple[float, float]:
+        """(max |d|, min cosine) of the export logit check for ``target``."""
+        if target == "cuda":
+            return self.cuda_max_abs_logit_diff, self.cuda_min_cosine
+        return self.max_abs_logit_diff, self.min_cosine
 
 
 class EvaluateSection(Section):

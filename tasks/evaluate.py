@@ -30,13 +30,15 @@ log = logging.getLogger(__name__)
 
 def copy_package(src: Path, dst: Path) -> None:
     """Hard-link the export files (multi-GB for real models), copy where links are impossible."""
-    for item in sorted(src.iterdir()):
-        if item.name == "MANIFEST.json" or not item.is_file():
+    for item in sorted(src.rglob("*")):
+        rel = item.relative_to(src)
+        if rel.as_posix() == "MANIFEST.json" or not item.is_file():
             continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(item, dst / item.name)
+            os.link(item, dst / rel)
         except OSError:
-            shutil.copyfile(item, dst / item.name)
+            shutil.copyfile(item, dst / rel)
 
 
 def response_loss(model, adapters, adapter, tokenizer, template: str, record: dict) -> tuple[float, int]:
@@ -54,19 +56,15 @@ def response_loss(model, adapters, adapter, tokenizer, template: str, record: di
     return total, len(ids) - len(prompt_ids)
 
 
-def build(export_dir: Path, finetune_dir: Path, section: EvaluateSection, export: ExportSection,
-          out: Path, provenance: dict) -> dict:
+def evaluate_target(folder: Path, target: str, section: EvaluateSection, name: str, template: str,
+                    held: list[dict]) -> tuple[dict, dict]:
+    """Quality (held-out loss, generations, adapter effect) and decode speed of one target's model."""
     import numpy as np
     import onnxruntime_genai as og
 
-    copy_package(export_dir, out)
-    name = export.adapter_name
-    model, adapters = open_model(out, export.target, {name: out / f"{name}{ADAPTER_SUFFIX}"})
+    model, adapters = open_model(folder, target, {name: folder / f"{name}{ADAPTER_SUFFIX}"})
     tokenizer = og.Tokenizer(model)
-    template = json.loads((finetune_dir / "metrics.json").read_text(encoding="utf-8"))["template"]
-    held = [json.loads(l) for l in (finetune_dir / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
-
-    quality: dict = {"adapter": name, "heldout_records": len(held), "loss": {}, "generations": []}
+    quality: dict = {"loss": {}, "generations": []}
     for label, adapter in (("without_adapter", None), ("with_adapter", name)):
         total, count = 0.0, 0
         for record in held[: section.loss_records]:
@@ -74,7 +72,7 @@ def build(export_dir: Path, finetune_dir: Path, section: EvaluateSection, export
             total, count = total + s, count + n
         quality["loss"][label] = {"loss": round(total / count, 5), "perplexity": round(math.exp(total / count), 3),
                                   "tokens": count}
-        log.info("held-out loss %s: %.4f (perplexity %.2f) over %d tokens", label, total / count,
+        log.info("%s: held-out loss %s: %.4f (perplexity %.2f) over %d tokens", target, label, total / count,
                  math.exp(total / count), count)
     ids = list(tokenizer.encode(prompt_part(template, held[0]["prompt"])))
     max_shift = float(np.abs(all_logits(model, adapters, None, ids) - all_logits(model, adapters, name, ids)).max())
@@ -90,65 +88,101 @@ def build(export_dir: Path, finetune_dir: Path, section: EvaluateSection, export
             entry[label] = "".join(pieces)
             speed[label].append(len(pieces) / elapsed if elapsed > 0 else 0.0)
         quality["generations"].append(entry)
-        log.info("%r\n    without adapter: %r\n    with adapter:    %r", record["prompt"],
+        log.info("%s: %r\n    without adapter: %r\n    with adapter:    %r", target, record["prompt"],
                  entry["without_adapter"][:120], entry["with_adapter"][:120])
 
     if not any(g["with_adapter"].strip() for g in quality["generations"]):
-        raise PipelineError("the package generated empty text for every held-out prompt; check the finetune log")
+        raise PipelineError(f"the {target} package generated empty text for every held-out prompt; check the finetune log")
     if max_shift < 1e-4:
-        raise PipelineError(f"the adapter has no effect (max logit change {max_shift:.2e}); check the finetune and export logs")
+        raise PipelineError(f"the adapter has no effect on the {target} model (max logit change {max_shift:.2e}); "
+                            "check the finetune and export logs")
     quality["max_logit_shift_from_adapter"] = round(max_shift, 4)
-
-    tokens_per_s = {k: round(sum(v) / len(v), 1) for k, v in speed.items()}
-    (out / "report.json").write_text(json.dumps(quality, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "speed.json").write_text(json.dumps({"decode_tokens_per_s": tokens_per_s, "target": export.target,
-                                                "max_new_tokens": section.max_new_tokens}, indent=2) + "\n")
-    (out / "report.md").write_text(render_summary(quality), encoding="utf-8")
-    (out / "README.md").write_text(render_model_card(quality, provenance, export), encoding="utf-8")
-    log.info("decode speed (tokens/s): %s", tokens_per_s)
-    return {"loss": quality["loss"], "max_logit_shift_from_adapter": quality["max_logit_shift_from_adapter"]}
+    return quality, {k: round(sum(v) / len(v), 1) for k, v in speed.items()}
 
 
-def render_summary(quality: dict) -> str:
-    loss = quality["loss"]
-    lines = [
-        "# Evaluation summary", "",
-        f"Held-out records: {quality['heldout_records']}; adapter `{quality['adapter']}`.", "",
-        "| | loss | perplexity | tokens |", "|---|---|---|---|",
-    ]
-    for label in ("without_adapter", "with_adapter"):
-        lines.append(f"| {label.replace('_', ' ')} | {loss[label]['loss']} | {loss[label]['perplexity']} | {loss[label]['tokens']} |")
-    lines += ["", f"Largest logit change caused by the adapter: {quality['max_logit_shift_from_adapter']}", "",
-              "## Generations (greedy)", ""]
-    for g in quality["generations"]:
-        lines += [f"**{g['prompt']}**", "", f"- without adapter: {g['without_adapter']!r}",
-                  f"- with adapter: {g['with_adapter']!r}", f"- reference: {g['reference']!r}", ""]
+def build(export_dir: Path, finetune_dir: Path, section: EvaluateSection, export: ExportSection,
+          out: Path, provenance: dict) -> dict:
+    from tasks.export import target_runs_here
+
+    copy_package(export_dir, out)
+    name = export.adapter_name
+    template = json.loads((finetune_dir / "metrics.json").read_text(encoding="utf-8"))["template"]
+    held = [json.loads(l) for l in (finetune_dir / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+
+    report: dict = {"adapter": name, "heldout_records": len(held), "targets": {}}
+    speed: dict = {"max_new_tokens": section.max_new_tokens, "decode_tokens_per_s": {}}
+    for target in export.targets:
+        if not target_runs_here(target):
+            log.warning("%s model NOT evaluated: this host has no CUDA GPU", target)
+            report["targets"][target] = {"evaluated": False, "reason": "no CUDA GPU on the build host"}
+            continue
+        quality, tokens_per_s = evaluate_target(out / target, target, section, name, template, held)
+        report["targets"][target] = {"evaluated": True, **quality}
+        speed["decode_tokens_per_s"][target] = tokens_per_s
+        log.info("%s: decode speed (tokens/s): %s", target, tokens_per_s)
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "speed.json").write_text(json.dumps(speed, indent=2) + "\n")
+    (out / "report.md").write_text(render_summary(report), encoding="utf-8")
+    (out / "README.md").write_text(render_model_card(report, provenance, export), encoding="utf-8")
+    return {target: {"loss": r["loss"], "max_logit_shift_from_adapter": r["max_logit_shift_from_adapter"]}
+            for target, r in report["targets"].items() if r["evaluated"]}
+
+
+def render_summary(report: dict) -> str:
+    lines = ["# Evaluation summary", "", f"Held-out records: {report['heldout_records']}; adapter `{report['adapter']}`.", ""]
+    for target, quality in report["targets"].items():
+        lines += [f"## {target}", ""]
+        if not quality["evaluated"]:
+            lines += [f"Not evaluated: {quality['reason']}.", ""]
+            continue
+        loss = quality["loss"]
+        lines += ["| | loss | perplexity | tokens |", "|---|---|---|---|"]
+        for label in ("without_adapter", "with_adapter"):
+            lines.append(f"| {label.replace('_', ' ')} | {loss[label]['loss']} | {loss[label]['perplexity']} | {loss[label]['tokens']} |")
+        lines += ["", f"Largest logit change caused by the adapter: {quality['max_logit_shift_from_adapter']}", "",
+                  "### Generations (greedy)", ""]
+        for g in quality["generations"]:
+            lines += [f"**{g['prompt']}**", "", f"- without adapter: {g['without_adapter']!r}",
+                      f"- with adapter: {g['with_adapter']!r}", f"- reference: {g['reference']!r}", ""]
     return "\n".join(lines)
 
 
-def render_model_card(quality: dict, provenance: dict, export: ExportSection) -> str:
+def render_model_card(report: dict, provenance: dict, export: ExportSection) -> str:
     base = provenance.get("base", {}).get("facts", {})
     quant = provenance.get("quantize", {}).get("config", {}).get("quantize", {})
     tune = provenance.get("finetune", {}).get("config", {}).get("finetune", {})
-    source = f"{base.get('repo_id')} at commit {base.get('revision')}" if base.get("source") == "hub" else \
-        "the project's tiny random-init Phi-3 (architecture of Phi-3.5-mini-instruct, small sizes)"
-    loss = quality["loss"]
+    if base.get("source") == "hub":
+        source = f"{base.get('repo_id')} at commit {base.get('revision')}"
+    elif base.get("profile", "tiny") == "tiny":
+        source = "the project's tiny random-init Phi-3 (architecture of Phi-3.5-mini-instruct, small sizes)"
+    else:
+        source = f"random-init weights with the exact sizes of profile {base.get('profile')} (a benchmark model: it knows nothing)"
+    first = next(t for t in export.targets)
     lines = [
         "# ONNX Runtime GenAI package: AWQ int4 base + LoRA adapter", "",
         f"- Base model: {source}.",
         f"- Quantization: AWQ {quant.get('bits')}-bit, group size {quant.get('group_size')}, zero point "
-        f"{quant.get('zero_point')}, exported as MatMulNBits for the {export.target} execution provider.",
+        f"{quant.get('zero_point')}, exported as MatMulNBits for the execution providers "
+        f"{', '.join(export.targets)}, one folder each.",
         f"- Adapter `{export.adapter_name}` (`{export.adapter_name}{ADAPTER_SUFFIX}`): LoRA rank {tune.get('rank')}, "
         f"alpha {tune.get('alpha')}, {tune.get('max_steps')} steps on {', '.join(tune.get('target_modules', []))}.",
-        f"- Held-out loss: {loss['without_adapter']['loss']} without the adapter, {loss['with_adapter']['loss']} with it.",
+    ]
+    for target, quality in report["targets"].items():
+        if quality["evaluated"]:
+            loss = quality["loss"]
+            lines.append(f"- Held-out loss ({target}): {loss['without_adapter']['loss']} without the adapter, "
+                         f"{loss['with_adapter']['loss']} with it.")
+        else:
+            lines.append(f"- {target}: not evaluated ({quality['reason']}).")
+    lines += [
         "", "## Use", "", "```python", "import onnxruntime_genai as og",
-        "model = og.Model('.')", "tokenizer = og.Tokenizer(model)", "adapters = og.Adapters(model)",
-        f"adapters.load('{export.adapter_name}{ADAPTER_SUFFIX}', '{export.adapter_name}')",
+        f"model = og.Model('{first}')", "tokenizer = og.Tokenizer(model)", "adapters = og.Adapters(model)",
+        f"adapters.load('{first}/{export.adapter_name}{ADAPTER_SUFFIX}', '{export.adapter_name}')",
         "params = og.GeneratorParams(model)", "params.set_search_options(max_length=256)",
         "generator = og.Generator(model, params)",
         f"generator.set_active_adapter(adapters, '{export.adapter_name}')  # omit for the base model",
         "generator.append_tokens(tokenizer.encode('<|user|>\\nwhat is the best thing to see in chicago<|end|>\\n<|assistant|>\\n'))",
-        "```", "", "Or: `python -m tasks chat --package .`", "",
+        "```", "", f"Or: `python -m tasks chat --package . --target {first}`", "",
         "## Provenance (sha256 of each stage's MANIFEST.json)", "",
     ]
     for stage, manifest in provenance.items():

@@ -41,6 +41,15 @@ def check_runtime_variant(cfg: PipelineConfig) -> None:
     if {"onnxruntime", "onnxruntime-gpu"} <= installed or {"onnxruntime-genai", "onnxruntime-genai-cuda"} <= installed:
         raise PipelineError("both the cpu and the cuda ONNX Runtime packages are installed; recreate the venv from ONE of "
                             "requirements/cpu.lock.txt or requirements/cuda.lock.txt")
-    if cfg.export.target == "cuda" and "onnxruntime-genai-cuda" not in installed:
-        raise PipelineError("export.target is 'cuda' but onnxruntime-genai-cuda is not installed; "
+    if "cuda" in cfg.export.targets and "onnxruntime-genai-cuda" not in installed and _cuda_gpu():
+        raise PipelineError("export.targets has 'cuda' and this host has a GPU, but onnxruntime-genai-cuda is not installed; "
                             "install requirements/cuda.lock.txt on a GPU host")
+
+
+def _cuda_gpu() -> bool:
+    """A CUDA GPU is visible (read from /proc, not torch: preflight must stay fast)."""
+    import os
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")

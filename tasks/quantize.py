@@ -1,7 +1,9 @@
 """Stage 2, quantize: AWQ 4-bit (zero point, GEMM layout) with AutoAWQ, on CPU or CUDA.
 
 Calibration text comes from a local file, never from a Hub dataset. Olive's AWQ pass refuses CPU,
-so AutoAWQ is called directly; the same code runs on both devices.
+so AutoAWQ is called directly; the same code runs on both devices. The scale and clip searches are
+tasks/awq_search.py's by default (same choices, several times faster on a GPU); ``quantize.search =
+"autoawq"`` runs AutoAWQ's own.
 
 AutoAWQ 0.2.9 has a CPU-only bug in its scale search: it "saves" the weights with ``.cpu()``, which
 on CPU returns the same tensors, then scales them in place, so every candidate is evaluated on the
@@ -53,6 +55,34 @@ def _cloning_quantizer_cls():
     return CloningAwqQuantizer
 
 
+class LayerProgress:
+    """Mixin: one log line per quantized decoder layer (AutoAWQ's own tqdm bar goes to the console only)."""
+
+    def __init__(self, *args, **kwargs):
+        import time
+
+        super().__init__(*args, **kwargs)  # captures the calibration inputs
+        self._search_start, self._layers_done = time.monotonic(), 0
+
+    def _apply_quant(self, module, named_linears):
+        import time
+
+        super()._apply_quant(module, named_linears)
+        self._layers_done += 1
+        log.info("AWQ layer %d/%d done, %.1fs into the search", self._layers_done, len(self.modules),
+                 time.monotonic() - self._search_start)
+
+
+def quantizer_class(search: str):
+    """The AwqQuantizer subclass for ``quantize.search``: "fast" or "autoawq" (AutoAWQ's loops, CPU-fixed)."""
+    if search == "fast":
+        from tasks.awq_search import FastAwqQuantizer
+        base = FastAwqQuantizer
+    else:
+        base = _cloning_quantizer_cls()
+    return type(base.__name__, (LayerProgress, base), {})
+
+
 def quant_config(section: QuantizeSection) -> dict:
     return {
         "zero_point": section.zero_point,
@@ -100,9 +130,10 @@ def build(base: Path, section: QuantizeSection, calibration: Path, device: str, 
             f"calibration text {calibration} gives {n_tokens} tokens, fewer than one block of "
             f"quantize.calibration_seq_len={section.calibration_seq_len}; add text or lower the setting"
         )
-    log.info("AWQ %d-bit, group %d, zero point %s, %s; calibration: %d texts, %d tokens in blocks of %d, device %s",
-             section.bits, section.group_size, section.zero_point, section.version.upper(),
-             min(len(texts), section.calibration_samples), n_tokens, section.calibration_seq_len, device)
+    log.info("AWQ %d-bit, group %d, zero point %s, %s; calibration: %d texts, %d tokens in blocks of %d; "
+             "%s search on %s", section.bits, section.group_size, section.zero_point, section.version.upper(),
+             min(len(texts), section.calibration_samples), n_tokens, section.calibration_seq_len,
+             section.search, device)
     torch.manual_seed(0)
     model = AutoAWQForCausalLM.from_pretrained(
         str(base), torch_dtype=torch.float16, device_map="cpu",
@@ -114,7 +145,7 @@ def build(base: Path, section: QuantizeSection, calibration: Path, device: str, 
         calib_data=texts,
         max_calib_samples=section.calibration_samples,
         max_calib_seq_len=section.calibration_seq_len,
-        quantizer_cls=_cloning_quantizer_cls(),
+        quantizer_cls=quantizer_class(section.search),
     )
     model.save_quantized(str(out), safetensors=True)
     for name in CARRIED_FILES:

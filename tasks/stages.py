@@ -30,11 +30,12 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("base", "base model: tiny Phi-3 built locally, or a Hub model at a pinned commit",
+    Stage("base", "base model: random-init Phi-3 built locally (tiny or a real shape), or a Hub model at a pinned commit",
           (), ("model",), ("tasks/base_model.py",),
           lambda cfg: [] if cfg.model.hub_source else [cfg.model.tiny.tokenizer_corpus]),
     Stage("quantize", "AWQ 4-bit (zero point, GEMM) with local calibration text",
-          ("base",), ("quantize", "build.device", "model.trust_remote_code"), ("tasks/quantize.py",),
+          ("base",), ("quantize", "build.device", "model.trust_remote_code"),
+          ("tasks/quantize.py", "tasks/awq_search.py", "tasks/awq_twin.py"),
           lambda cfg: [cfg.quantize.calibration]),
     Stage("finetune", "LoRA trained against the 4-bit weights (float twin of the AWQ checkpoint)",
           ("quantize",), ("data", "finetune", "build.device"),
@@ -44,7 +45,7 @@ STAGES: tuple[Stage, ...] = (
           ("quantize", "finetune"), ("export",),
           ("tasks/export.py", "tasks/genai.py", "tasks/awq_twin.py", "tasks/data.py")),
     Stage("evaluate", "package = export + report (texts, tokens/s, held-out loss with/without adapter) + model card",
-          ("export", "finetune"), ("evaluate", "export.target", "export.adapter_name"),
+          ("export", "finetune"), ("evaluate", "export.targets", "export.adapter_name"),
           ("tasks/evaluate.py", "tasks/genai.py", "tasks/data.py")),
 )
 BY_NAME = {s.name: s for s in STAGES}

@@ -14,13 +14,14 @@ pytestmark = pytest.mark.slow
 
 def test_default_build_produces_a_package_with_int4_base_adapter_report_and_model_card(built_project):
     package = built_project / "build/tiny/package"
-    for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "travel.onnx_adapter",
-                 "report.json", "report.md", "speed.json", "README.md", "MANIFEST.json"):
+    for name in ("cpu/model.onnx", "cpu/model.onnx.data", "cpu/genai_config.json", "cpu/tokenizer.json",
+                 "cpu/travel.onnx_adapter", "report.json", "report.md", "speed.json", "README.md", "MANIFEST.json"):
         assert (package / name).is_file(), name
-    check = json.loads((package / "export_check.json").read_text())
+    check = json.loads((package / "export_check.json").read_text())["cpu"]
+    assert check["checked"]
     for label in ("base", "adapter"):
         assert check[label]["max_abs_diff"] < 0.01 and check[label]["min_cosine"] > 0.99999
-    report = json.loads((package / "report.json").read_text())
+    report = json.loads((package / "report.json").read_text())["targets"]["cpu"]
     loss = report["loss"]
     assert loss["with_adapter"]["loss"] < loss["without_adapter"]["loss"], "the adapter should fit the travel data"
     assert any(g["with_adapter"] != g["without_adapter"] for g in report["generations"])
@@ -163,3 +164,27 @@ def test_verify_names_a_damaged_file_and_the_next_build_redoes_that_stage_and_la
     assert "export: extra stray.txt" in result.stdout
     assert executed(doit(project_copy)) == ["finetune", "export", "evaluate"]
     assert "matches its manifest" in doit(project_copy, "verify").stdout
+
+
+def test_one_build_exports_cpu_and_cuda_targets_and_says_which_it_could_not_check(project_copy):
+    """On a host without a GPU the cuda model is still built (fp16 activations, int4 weights), but
+    the logit check and the evaluation say plainly that it was not run."""
+    import onnx
+
+    result = doit(project_copy, 'export.targets=["cpu", "cuda"]')
+    assert executed(result) == ["export", "evaluate"]
+    export = project_copy / "build/tiny/export"
+    for target in ("cpu", "cuda"):
+        for name in ("model.onnx", "genai_config.json", "travel.onnx_adapter"):
+            assert (export / target / name).is_file(), (target, name)
+    cuda_config = json.loads((export / "cuda/genai_config.json").read_text())
+    assert "cuda" in json.dumps(cuda_config["model"]["decoder"]["session_options"]["provider_options"])
+    io_types = {i.name: i.type.tensor_type.elem_type for i in onnx.load(str(export / "cuda/model.onnx"), load_external_data=False).graph.input}
+    assert io_types["model.layers.0.attn.o_proj.lora_A"] == onnx.TensorProto.FLOAT16
+    check = json.loads((export / "export_check.json").read_text())
+    import torch
+    if not torch.cuda.is_available():
+        assert check["cuda"] == {"checked": False, "reason": "no CUDA GPU on the build host"}
+        report = json.loads((project_copy / "build/tiny/package/report.json").read_text())
+        assert report["targets"]["cuda"]["evaluated"] is False
+    assert check["cpu"]["checked"] and (project_copy / "build/tiny/package/cuda/model.onnx").is_file()
