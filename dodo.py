@@ -19,6 +19,7 @@ from doit.tools import config_changed
 
 from tasks.cli_vars import config_overrides
 from tasks.config import load_config
+from tasks.doit_guard import guard_state_database
 from tasks.doit_reporter import StageReporter
 from tasks.errors import PipelineError
 from tasks.paths import Paths
@@ -42,6 +43,7 @@ if doit_command(sys.argv) not in READ_ONLY_COMMANDS:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
 
+guard_state_database(PATHS.doit_db)
 DOIT_CONFIG = {
     # Explicit backend: the default (dbm) differs between interpreters; sqlite3 commits atomically.
     "backend": "sqlite3",

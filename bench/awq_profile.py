@@ -28,15 +28,17 @@ METHODS = ("_get_input_feat", "_search_best_scale", "_compute_best_scale", "_sea
 def timed_class(cls, totals: dict, counts: dict):
     import torch
 
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
     def wrap(name, fn):
         @functools.wraps(fn)
         def inner(*a, **kw):
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
-                torch.cuda.synchronize()
+                sync()
                 totals[name] += time.perf_counter() - t
                 counts[name] += 1
         return inner
@@ -62,13 +64,16 @@ def profile_quantizer(base: Path, calibration: Path, search: str, layers: int, w
     model = AutoAWQForCausalLM.from_pretrained(str(base), torch_dtype=torch.float16, device_map="cpu", use_cache=False)
     model.model.model.layers = torch.nn.ModuleList(list(model.model.model.layers)[:layers])
     model.model.config.num_hidden_layers = layers
-    torch.cuda.reset_peak_memory_stats()
-    torch.cuda.synchronize()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
     start = time.perf_counter()
     model.quantize(tokenizer, quant_config=quantize.quant_config(section), calib_data=texts,
                    max_calib_samples=section.calibration_samples, max_calib_seq_len=section.calibration_seq_len,
                    quantizer_cls=timed)
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     total = time.perf_counter() - start
     work.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.cpu() for k, v in model.model.model.layers[0].state_dict().items()}, work / f"{search}-layer0.pt")
@@ -76,9 +81,10 @@ def profile_quantizer(base: Path, calibration: Path, search: str, layers: int, w
     result = {"layers": layers, "search": search, "total_s": round(total, 2),
               "init_s": round(totals.get("init_quant", 0.0), 2), "per_layer_s": round(search_s / layers, 2),
               "methods": {k: {"s": round(v, 2), "calls": counts[k]} for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
-              "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20)}
+              "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None}
     del model
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return result
 
 
@@ -90,7 +96,19 @@ def main() -> None:
     parser.add_argument("--search", choices=("fast", "autoawq"), default="autoawq")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--cprofile", type=int, default=0, help="also print the N costliest functions (cProfile)")
+    parser.add_argument("--make-shape", action="store_true",
+                        help="build --base first if missing: the phi-3.5-mini shape with only --layers layers")
     args = parser.parse_args()
+    if args.make_shape and not (args.base / "config.json").is_file():
+        from transformers import AutoTokenizer
+
+        from bench.calibration import write_benchmark_calibration
+        from tasks.base_model import build_tiny_model
+        from tasks.config import SHAPE_PROFILES, TinyModel
+
+        build_tiny_model(TinyModel(**{**SHAPE_PROFILES["phi-3.5-mini-shape"], "num_hidden_layers": args.layers}),
+                         REPO, args.base)
+        write_benchmark_calibration(REPO, AutoTokenizer.from_pretrained(args.base), args.calibration)
     if args.cprofile:
         import cProfile
         import pstats

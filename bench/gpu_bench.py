@@ -140,9 +140,10 @@ def phase_pipeline(work: Path, results: dict, stages: list[str], targets: list[s
     out = results.setdefault("pipeline", {"stages": {}})
     for stage in stages:
         with gpu.watch():
-            wall, _ = doit(config, stage)
-        out["stages"][stage] = {"wall_s": round(wall, 1), "stage_s": stage_seconds(work / "build/logs" / f"{stage}.log"),
-                                "peak_gpu_gib": gpu.peak_gib}
+            wall, stdout = doit(config, stage)
+        ran = bool(re.search(rf"^\.  {stage}$", stdout, re.MULTILINE))  # up-to-date stages print "-- name"
+        out["stages"][stage] = {"wall_s": round(wall, 1), "executed": ran, "peak_gpu_gib": gpu.peak_gib,
+                                "stage_s": stage_seconds(work / "build/logs" / f"{stage}.log") if ran else None}
         print(f"{stage}: {out['stages'][stage]}", flush=True)
         save_results(work, results)
     if all(s in out["stages"] for s in STAGE_ORDER):

@@ -7,6 +7,8 @@ weights, tokenizer files with the chat template) that the quantize stage reads.
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import logging
 import os
 import shutil
@@ -34,7 +36,7 @@ def build(model: ModelSection, root: Path, out: Path) -> dict:
     """Write the base model into ``out``; return facts for the manifest."""
     if model.hub_source:
         repo_id, revision = model.hub_source
-        return fetch_hub_model(repo_id, revision, out)
+        return fetch_hub_model(repo_id, revision, out, model.trust_remote_code, model.allow_floating_revision)
     return {**build_tiny_model(model.random_spec, root, out), "profile": model.profile}
 
 
@@ -148,7 +150,29 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def fetch_hub_model(repo_id: str, revision: str, out: Path) -> dict:
+def check_remote_code(snapshot: Path, repo_id: str, trust_remote_code: bool) -> str:
+    """Refuse a model that needs its own Python code unless allowed; say what will run."""
+    from transformers import CONFIG_MAPPING
+
+    config = json.loads((snapshot / "config.json").read_text(encoding="utf-8")) if (snapshot / "config.json").is_file() else {}
+    auto_map, model_type = config.get("auto_map"), config.get("model_type")
+    if not auto_map:
+        return "none"
+    if model_type in CONFIG_MAPPING and not trust_remote_code:
+        log.info("%s ships its own code (auto_map) but transformers implements %r: the repo's code is not "
+                 "downloaded or run", repo_id, model_type)
+        return "ignored (transformers implements the model)"
+    if not trust_remote_code:
+        raise PipelineError(
+            f"{repo_id} needs its own Python code (config.json auto_map; model_type {model_type!r} is unknown to "
+            "transformers); review the repo's *.py files at this commit, then set model.trust_remote_code = true"
+        )
+    log.warning("model.trust_remote_code is on: %s's Python code will run in the quantize and later stages", repo_id)
+    return "allowed"
+
+
+def fetch_hub_model(repo_id: str, revision: str, out: Path, trust_remote_code: bool = False,
+                    allow_floating_revision: bool = False) -> dict:
     """snapshot_download at a commit into the standard HF cache (HF_HOME, HF_HUB_OFFLINE and
     HF_TOKEN from the environment), then link the files into ``out``."""
     from huggingface_hub import snapshot_download
@@ -159,7 +183,8 @@ def fetch_hub_model(repo_id: str, revision: str, out: Path) -> dict:
     log.info("fetching %s at %s (cache: HF_HOME=%s, offline=%s)", repo_id, revision,
              os.environ.get("HF_HOME", "~/.cache/huggingface"), os.environ.get("HF_HUB_OFFLINE", "0"))
     try:
-        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        patterns = HUB_PATTERNS + (["*.py"] if trust_remote_code else [])  # code only when allowed
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except GatedRepoError:
         raise PipelineError(
             f"{repo_id} is gated; accept its license on huggingface.co and export HF_TOKEN with read access"
@@ -175,10 +200,18 @@ def fetch_hub_model(repo_id: str, revision: str, out: Path) -> dict:
             f"{repo_id}@{revision[:12]} is not in the local HF cache and the Hub cannot be reached "
             "(HF_HUB_OFFLINE set or no network); run once with network access or point HF_HOME at a cache that has it"
         ) from None
-    files = sorted(p for p in snapshot.rglob("*") if p.is_file() or p.is_symlink())
+    commit = snapshot.name  # snapshots/<commit>: what a branch or tag resolved to
+    if commit != revision:
+        log.warning("floating revision %r resolved to commit %s; pin that commit to make this build repeatable",
+                    revision, commit)
+    # Offline, snapshot_download returns the cached snapshot as it is (it cannot apply allow_patterns
+    # without the Hub's file list), so the same filter is applied here: no code unless allowed, no pickles.
+    files = sorted(p for p in snapshot.rglob("*") if (p.is_file() or p.is_symlink())
+                   and any(fnmatch.fnmatch(p.relative_to(snapshot).as_posix(), pat) for pat in patterns))
     if not any(p.suffix == ".safetensors" for p in files):
         raise PipelineError(f"{repo_id}@{revision[:12]} has no safetensors weights; pickled weights are refused")
+    remote_code = check_remote_code(snapshot, repo_id, trust_remote_code)
     for path in files:
         _link_or_copy(path.resolve(), out / path.relative_to(snapshot))
     log.info("linked %d files from %s", len(files), snapshot)
-    return {"source": "hub", "repo_id": repo_id, "revision": revision}
+    return {"source": "hub", "repo_id": repo_id, "revision": revision, "commit": commit, "remote_code": remote_code}

@@ -79,6 +79,9 @@ class ModelSection(Section):
     repo_id: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    """Allow this Hub model's own Python code (config.json auto_map) to be downloaded and run."""
+    allow_floating_revision: bool = False
+    """Accept a branch or tag as model.revision (resolved to a commit and recorded); off: commits only."""
     tiny: TinyModel = TinyModel()
 
     @field_validator("profile")
@@ -94,11 +97,15 @@ class ModelSection(Section):
             raise ValueError("profile 'hub' needs model.repo_id and model.revision")
         if self.profile != "hub" and (self.repo_id or self.revision):
             raise ValueError(f"model.repo_id/revision are only used with profile 'hub', not {self.profile!r}")
-        if self.hub_source and not COMMIT_RE.match(self.hub_source[1]):
+        if self.hub_source and not COMMIT_RE.match(self.hub_source[1]) and not self.allow_floating_revision:
             raise ValueError(
                 f"revision {self.hub_source[1]!r} is not a 40-hex commit; pin the full commit hash "
-                "shown in the model's history on the Hub"
+                "shown in the model's history on the Hub (or set model.allow_floating_revision = true to "
+                "accept a moving branch or tag, knowing the build can change under you)"
             )
+        if not self.hub_source and (self.trust_remote_code or self.allow_floating_revision):
+            raise ValueError("trust_remote_code and allow_floating_revision apply to Hub models only, "
+                             f"not to profile {self.profile!r}")
         return self
 
     @property
@@ -238,10 +245,27 @@ def _apply_override(raw: dict, dotted: list[str], value: Any) -> None:
     node[dotted[-1]] = value
 
 
+def _known_keys(loc: tuple) -> list[str]:
+    """Field names of the section that holds ``loc`` (for a did-you-mean hint)."""
+    model: Any = PipelineConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = field.annotation
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
 def _describe(error: ValidationError, source: str) -> str:
+    import difflib
+
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(first["loc"][-1]), _known_keys(first["loc"]), n=1, cutoff=0.6)
+        if close:
+            suggestion = ".".join([*(str(p) for p in first["loc"][:-1]), close[0]])
+            return f"{source}: unknown key {where!r}; did you mean {suggestion!r}?"
         return f"{source}: unknown key {where!r}; remove it or check its spelling against the README's configuration reference"
     msg = first["msg"].removeprefix("Value error, ")
     return f"{source}: {where}: {msg}"

@@ -13,6 +13,7 @@ from pathlib import Path
 from tasks.errors import PipelineError
 
 REQUIRED = ("prompt", "response")
+MAX_LINE_BYTES = 1 << 20  # one record; a longer line is a broken file far more often than a real example
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,19 @@ def load_records(path: Path) -> list[Record]:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise PipelineError(f"{path}:{line}: not valid UTF-8; re-save the file as UTF-8") from None
     records = []
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
+        if len(raw) > MAX_LINE_BYTES:
+            raise PipelineError(f"{path}:{number}: line is {len(raw) / (1 << 20):.1f} MB long, over the 1 MB limit for "
+                                "one record; check the file (a missing newline?) or split the record")
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise PipelineError(f"{path}:{number}: invalid JSON ({exc.msg}); each line must be one JSON object") from None
+        except (ValueError, RecursionError) as exc:  # e.g. integers over Python's digit limit, absurd nesting
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+            raise PipelineError(f"{path}:{number}: unreadable JSON ({reason}); each line must be one JSON object") from None
         if not isinstance(obj, dict):
             raise PipelineError(f"{path}:{number}: expected a JSON object with prompt and response, got {type(obj).__name__}")
         for key in REQUIRED:
@@ -46,6 +53,11 @@ def load_records(path: Path) -> list[Record]:
                 raise PipelineError(f"{path}:{number}: missing field {key!r}; every record needs prompt and response")
             if not isinstance(obj[key], str) or not obj[key].strip():
                 raise PipelineError(f"{path}:{number}: field {key!r} must be a non-empty string")
+            try:
+                obj[key].encode("utf-8")
+            except UnicodeEncodeError:
+                raise PipelineError(f"{path}:{number}: field {key!r} holds an invalid \\u escape (a lone surrogate); "
+                                    "fix the text") from None
         records.append(Record(obj["prompt"], obj["response"], number))
     if len(records) < 2:
         raise PipelineError(f"{path}: has {len(records)} records; a dataset needs at least 2 (one to train, one held out)")

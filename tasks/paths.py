@@ -39,3 +39,17 @@ class Paths:
     def data(self, relative: str) -> Path:
         """A config-named input file (relative to the project root unless absolute)."""
         return (self.root / relative).resolve()
+
+    def check_input(self, key: str, relative: str) -> Path:
+        """``data`` that refuses a path inside the project which links outside it (a symlink planted in
+        the workspace must not pull in, and hash into manifests, files from elsewhere)."""
+        import os
+
+        from tasks.errors import PipelineError
+
+        named = Path(os.path.normpath(self.root / relative))
+        resolved = named.resolve()
+        if named.is_relative_to(self.root) and not resolved.is_relative_to(self.root):
+            raise PipelineError(f"{key}: {relative} links to {resolved}, outside the project; copy the file into "
+                                "the project, or name that path in the config if you mean to use it")
+        return resolved

@@ -10,12 +10,13 @@ from tasks.paths import Paths
 
 def preflight(cfg: PipelineConfig, paths: Paths) -> None:
     """Raise PipelineError naming the first problem; return quietly when everything is usable."""
-    load_dataset(paths.data(cfg.data.path), cfg.data.template, cfg.data.eval_fraction, cfg.data.split_seed)
+    load_dataset(paths.check_input("data.path", cfg.data.path), cfg.data.template, cfg.data.eval_fraction,
+                 cfg.data.split_seed)
     named = {"quantize.calibration": cfg.quantize.calibration}
     if not cfg.model.hub_source:
         named["model.tiny.tokenizer_corpus"] = cfg.model.tiny.tokenizer_corpus
     for key, rel in named.items():
-        path = paths.data(rel)
+        path = paths.check_input(key, rel)
         if not path.is_file():
             raise PipelineError(f"{key}: file {path} not found; restore it or point {key} at an existing file")
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tasks.config import PipelineConfig
+from tasks.disk import check_free_space, is_disk_full
 from tasks.errors import PipelineError
 from tasks.manifest import manifest_digest, read_manifest, sha256_file, staged_output, write_manifest
 from tasks.paths import Paths
@@ -32,12 +33,24 @@ def quiet_environment() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+class LogFileHandler(logging.FileHandler):
+    """A stage log that never turns a full disk into a traceback: the terminal keeps the messages,
+    and the disk-full error itself is reported once, as one line, by run_stage."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        pass
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            super().close()
+
+
 @contextlib.contextmanager
 def stage_logging(path: Path) -> Iterator[None]:
     """Log to the terminal (info) and to the stage's log file (debug, overwritten per run)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    to_file = logging.FileHandler(path, mode="w", encoding="utf-8")
+    to_file = LogFileHandler(path, mode="w", encoding="utf-8")
     to_file.setFormatter(fmt)
     to_file.setLevel(logging.DEBUG)
     to_term = logging.StreamHandler(sys.stderr)
@@ -99,22 +112,33 @@ def run_stage(name: str, cfg: PipelineConfig, paths: Paths) -> Path:
     inputs = {up: manifest_digest(paths.stage(up)) for up in stage.upstream}
     files = {}
     for rel in stage.files(cfg):
-        path = paths.data(rel)
+        path = paths.check_input(rel, rel)
         if not path.is_file():
             raise PipelineError(f"input file {path} not found; fix the path in the config")
         files[rel] = sha256_file(path)
     final = paths.stage(name)
+    need = check_free_space(name, cfg, paths)
     with stage_logging(paths.log(name)):
         start = time.monotonic()
-        log.info("%s: building into %s", name, final)
-        with staged_output(final) as staging:
-            facts = _call_stage(name, cfg, paths, staging) or {}
-            write_manifest(staging, {
-                "stage": name,
-                "config": config_values(cfg, stage.keys),
-                "inputs": inputs,
-                "input_files": files,
-                "facts": facts,
-            })
+        log.info("%s: building into %s%s", name, final, f" (needs up to {need >> 20} MB of disk)" if need else "")
+        try:
+            with staged_output(final) as staging:
+                facts = _call_stage(name, cfg, paths, staging) or {}
+                write_manifest(staging, {
+                    "stage": name,
+                    "config": config_values(cfg, stage.keys),
+                    "inputs": inputs,
+                    "input_files": files,
+                    "facts": facts,
+                })
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            log.debug("disk full", exc_info=True)
+            raise PipelineError(
+                f"no space left on device while building {name} in {paths.build}; its partial output was removed "
+                f"and the previous {name} output is untouched; free some space (or set build.dir to a bigger disk) "
+                "and run doit again"
+            ) from None
         log.info("%s: done in %.1fs (log: %s)", name, time.monotonic() - start, paths.log(name))
     return final

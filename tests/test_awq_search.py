@@ -112,3 +112,21 @@ def test_fast_and_autoawq_checkpoints_match(built_project, project_copy):
             assert torch.equal(fast[key], ref[key]), key  # norms (with folded scales), embeddings, lm_head
     print(f"int4 codes identical: {same} of {total}")
     assert same / total >= CODES_IDENTICAL_AT_LEAST, f"{same}/{total} int4 codes identical"
+
+
+def test_vectorised_packing_is_bit_identical_to_autoawqs_from_linear():
+    from awq.modules.linear.gemm import WQLinear_GEMM
+
+    from tasks.awq_search import pack_gemm
+
+    from awq.quantize.quantizer import AwqQuantizer
+
+    torch.manual_seed(0)
+    settings = type("Settings", (), {"group_size": 64, "zero_point": True, "w_bit": 4})()  # all pseudo_quantize reads
+    linear = torch.nn.Linear(256, 96, bias=True).half()
+    linear.weight.data, scales, zeros = AwqQuantizer.pseudo_quantize_tensor(settings, linear.weight.data)
+    scales, zeros = scales.t().contiguous(), zeros.t().contiguous()
+    ref = WQLinear_GEMM.from_linear(linear, 4, 64, scales=scales, zeros=zeros)
+    fast = pack_gemm(linear, 64, scales, zeros)
+    for name in ("qweight", "qzeros", "scales", "bias"):
+        assert torch.equal(getattr(ref, name), getattr(fast, name)), name

@@ -23,9 +23,14 @@ def test_shipped_config_is_valid_and_uses_the_tiny_profile():
     assert cfg.finetune.max_steps == 100
 
 
-def test_unknown_key_is_named_with_its_section(tmp_path):
-    with pytest.raises(PipelineError, match=r"unknown key 'finetune.rnak'"):
+def test_unknown_key_is_named_with_its_section_and_the_closest_real_key(tmp_path):
+    with pytest.raises(PipelineError, match=r"unknown key 'finetune.rnak'; did you mean 'finetune.rank'\?"):
         load_config(write(tmp_path, "[finetune]\nrnak = 4\n"))
+    # The key renamed when export learnt several targets points to its successor.
+    with pytest.raises(PipelineError, match=r"unknown key 'export.target'; did you mean 'export.targets'\?"):
+        load_config(write(tmp_path, '[export]\ntarget = "cuda"\n'))
+    with pytest.raises(PipelineError, match=r"unknown key 'bogus'; remove it"):
+        load_config(write(tmp_path, "bogus = 1\n"))
 
 
 def test_bad_value_is_named(tmp_path):
@@ -84,3 +89,19 @@ def test_each_stage_fingerprints_only_the_sections_it_reads(tmp_path):
     assert changed == ["finetune"]
     c = load_config(path, ["quantize.group_size=64"])
     assert [n for n, s in BY_NAME.items() if config_fingerprint(a, s) != config_fingerprint(c, s)] == ["quantize"]
+
+
+def test_shape_profile_has_phi35_minis_exact_sizes_and_the_tiny_profiles_other_fields(tmp_path):
+    cfg = load_config(write(tmp_path, '[model]\nprofile = "phi-3.5-mini-shape"\n'))
+    spec = cfg.model.random_spec
+    assert (spec.hidden_size, spec.intermediate_size, spec.num_hidden_layers, spec.num_attention_heads, spec.vocab_size) \
+        == (3072, 8192, 32, 32, 32064)
+    assert cfg.model.hub_source is None and spec.tokenizer_corpus == cfg.model.tiny.tokenizer_corpus
+
+
+def test_export_targets_must_be_known_and_unique(tmp_path):
+    assert load_config(write(tmp_path, '[export]\ntargets = ["cuda", "cpu"]\n')).export.targets == ("cuda", "cpu")
+    with pytest.raises(PipelineError, match=r"export.targets"):
+        load_config(write(tmp_path, '[export]\ntargets = ["cpu", "cpu"]\n'))
+    with pytest.raises(PipelineError, match=r"export.targets"):
+        load_config(write(tmp_path, '[export]\ntargets = ["tpu"]\n'))
