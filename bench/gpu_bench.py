@@ -180,13 +180,10 @@ def phase_awq(work: Path, results: dict, layers: int) -> None:
         save_results(work, results)
     import torch
 
+    from tasks.awq_search import identical_codes
+
     fast, ref = (torch.load(work / "awq" / f"{s}-layer0.pt") for s in ("fast", "autoawq"))
-    same = total = 0
-    for key in fast:
-        if key.endswith("qweight"):
-            a = torch.stack([(fast[key] >> (4 * i)) & 0xF for i in range(8)])
-            b = torch.stack([(ref[key] >> (4 * i)) & 0xF for i in range(8)])
-            same, total = same + int((a == b).sum()), total + a.numel()
+    same, total = identical_codes(fast, ref)
     out["layer0_int4_codes_identical"] = round(same / total, 5)
     out["layer0_scales_identical"] = all(torch.equal(fast[k], ref[k]) for k in fast if "layernorm" in k)
     n_layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
@@ -206,29 +203,22 @@ def phase_lab(work: Path, results: dict) -> None:
     # float twin of the AWQ weights (same shapes and compute), and olive's LoRA cannot train through
     # AutoAWQ's packed modules without AutoAWQ's CUDA kernels (absent from the PyPI sdist build).
     data = REPO / "data/travel_qa.jsonl"
-    cmd = [sys.executable, "-m", "olive", "finetune", "--method", "lora", "--model_name_or_path", str(build / "base"),
-           "--data_files", str(data), "--data_name", "json", "--text_template",
-           "<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>", "--max_steps", "100",
-           "--output_path", str(lab / "ft"), "--log_level", "1"]
-    with gpu.watch():
-        start = time.perf_counter()
-        run = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        wall = time.perf_counter() - start
-    out["olive_finetune"] = {"cmd": " ".join(cmd), "wall_s": round(wall, 1), "rc": run.returncode,
-                             "peak_gpu_gib": gpu.peak_gib, "tail": (run.stdout + run.stderr)[-1500:]}
-    print(f"olive finetune: rc {run.returncode}, {wall:.1f} s", flush=True)
-    save_results(work, results)
+    olive = [sys.executable, "-m", "olive", "finetune", "--method", "lora", "--model_name_or_path", str(build / "base"),
+             "--data_files", str(data), "--data_name", "json", "--text_template",
+             "<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>", "--max_steps", "100",
+             "--output_path", str(lab / "ft"), "--log_level", "1"]
     # Export: the model builder as `olive auto-opt --use_ort_genai` runs it, on the same AWQ folder.
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(build / "quantize"),
-           "-o", str(lab / "builder-cuda"), "-p", "int4", "-e", "cuda", "-c", str(lab / "cache")]
-    with gpu.watch():
-        start = time.perf_counter()
-        run = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        wall = time.perf_counter() - start
-    out["builder_cuda"] = {"cmd": " ".join(cmd), "wall_s": round(wall, 1), "rc": run.returncode,
-                           "peak_gpu_gib": gpu.peak_gib, "tail": (run.stdout + run.stderr)[-1500:]}
-    print(f"builder cuda: rc {run.returncode}, {wall:.1f} s", flush=True)
-    save_results(work, results)
+    builder = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(build / "quantize"),
+               "-o", str(lab / "builder-cuda"), "-p", "int4", "-e", "cuda", "-c", str(lab / "cache")]
+    for name, cmd in (("olive_finetune", olive), ("builder_cuda", builder)):
+        with gpu.watch():
+            start = time.perf_counter()
+            run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            wall = time.perf_counter() - start
+        out[name] = {"cmd": " ".join(cmd), "wall_s": round(wall, 1), "rc": run.returncode,
+                     "peak_gpu_gib": gpu.peak_gib, "tail": (run.stdout + run.stderr)[-1500:]}
+        print(f"{name}: rc {run.returncode}, {wall:.1f} s", flush=True)
+        save_results(work, results)
 
 
 def measure_bandwidth() -> dict:

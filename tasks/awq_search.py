@@ -82,6 +82,21 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[rows, cols/8] packed int32 -> [8, rows, cols/8] codes 0..15 (nibble order, enough to compare)."""
+    return torch.stack([(packed >> (4 * i)) & 0xF for i in range(8)])
+
+
+def identical_codes(a: dict, b: dict) -> tuple[int, int]:
+    """(identical, total) int4 codes over every ``*qweight`` tensor of two state dicts."""
+    same = total = 0
+    for key in a:
+        if key.endswith("qweight"):
+            ca, cb = unpack_int4(a[key]), unpack_int4(b[key])
+            same, total = same + int((ca == cb).sum()), total + ca.numel()
+    return same, total
+
+
 @torch.no_grad()
 def pack_gemm(linear, group_size: int, scales: torch.Tensor, zeros: torch.Tensor):
     """WQLinear_GEMM.from_linear without its per-column Python loops (same fp16 arithmetic, same bits).

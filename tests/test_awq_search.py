@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tasks.awq_search import identical_codes
 from tasks.config import QuantizeSection
 from tasks.quantize import quant_config, quantizer_class, read_calibration
 
@@ -101,15 +102,10 @@ def test_fast_and_autoawq_checkpoints_match(built_project, project_copy):
     fast = load_file(built_project / "build/tiny/quantize/model.safetensors")
     ref = load_file(project_copy / "build/autoawq/quantize/model.safetensors")
     assert fast.keys() == ref.keys()
-    same = total = 0
     for key in fast:
-        if key.endswith(".qweight"):
-            # Eight 4-bit codes per int32: compare the codes, not the words.
-            a = torch.stack([(fast[key] >> (4 * i)) & 0xF for i in range(8)])
-            b = torch.stack([(ref[key] >> (4 * i)) & 0xF for i in range(8)])
-            same, total = same + int((a == b).sum()), total + a.numel()
-        elif not key.endswith((".qzeros", ".scales")):
+        if not key.endswith((".qweight", ".qzeros", ".scales")):
             assert torch.equal(fast[key], ref[key]), key  # norms (with folded scales), embeddings, lm_head
+    same, total = identical_codes(fast, ref)  # eight 4-bit codes per int32: compare codes, not words
     print(f"int4 codes identical: {same} of {total}")
     assert same / total >= CODES_IDENTICAL_AT_LEAST, f"{same}/{total} int4 codes identical"
 
