@@ -238,7 +238,7 @@ def measure_bandwidth() -> dict:
     seconds = (time.perf_counter() - start) / reps
     del a, b
     torch.cuda.empty_cache()
-    return {"copy_tb_s": round(2 * n / seconds / 1e12, 3), "read_tb_s": round(2 * n / seconds / 1e12, 3)}
+    return {"copy_tb_s": round(2 * n / seconds / 1e12, 3)}
 
 
 def fixed_prompt(tokenizer_encode, n: int) -> list[int]:
@@ -365,12 +365,18 @@ def phase_decode(work: Path, results: dict, compile_too: bool) -> None:
 
 
 def environment() -> dict:
+    from importlib import metadata
+
     import torch
 
     from tasks.manifest import package_versions
 
     info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
             "packages": package_versions()}
+    try:
+        info["packages"]["olive-ai"] = metadata.version("olive-ai")
+    except metadata.PackageNotFoundError:
+        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
@@ -379,12 +385,6 @@ def environment() -> dict:
                                         capture_output=True, text=True).stdout.strip()
     except OSError:
         pass
-    for name in ("olive-ai",):
-        try:
-            from importlib import metadata
-            info["packages"][name] = metadata.version(name)
-        except Exception:
-            pass
     return info
 
 

@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "chat":
-            from tasks.chat import chat, find_adapters
+            from tasks.chat import chat, find_adapters, target_folder
 
-            folder = args.package / args.target if (args.package / args.target).is_dir() else args.package
+            folder = target_folder(args.package, args.target)
             adapter = None if args.no_adapter else (args.adapter or next(iter(find_adapters(folder)), None))
             return chat(args.package, adapter, args.prompt, args.max_new_tokens, args.target)
         from tasks.config import load_config

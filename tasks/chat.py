@@ -11,6 +11,11 @@ from tasks.export import ADAPTER_SUFFIX
 TURN = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n"
 
 
+def target_folder(package: Path, target: str) -> Path:
+    """The model folder to load: a package root holds one folder per export target."""
+    return package / target if (package / target / "genai_config.json").is_file() else package
+
+
 def find_adapters(package: Path) -> dict[str, Path]:
     return {p.name.removesuffix(ADAPTER_SUFFIX): p for p in sorted(package.glob(f"*{ADAPTER_SUFFIX}"))}
 
@@ -20,8 +25,7 @@ def chat(package: Path, adapter: str | None, prompt: str | None, max_new_tokens:
 
     from tasks.genai import open_model, stream
 
-    if (package / target / "genai_config.json").is_file():
-        package = package / target  # a package root holds one folder per export target
+    package = target_folder(package, target)
     if not (package / "genai_config.json").is_file():
         raise PipelineError(f"{package} is not an ONNX Runtime GenAI package (no genai_config.json); build it with `doit`")
     available = find_adapters(package)

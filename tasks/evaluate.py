@@ -102,7 +102,7 @@ def evaluate_target(folder: Path, target: str, section: EvaluateSection, name: s
 
 def build(export_dir: Path, finetune_dir: Path, section: EvaluateSection, export: ExportSection,
           out: Path, provenance: dict) -> dict:
-    from tasks.export import target_runs_here
+    from tasks.export import NO_GPU, target_runs_here
 
     copy_package(export_dir, out)
     name = export.adapter_name
@@ -114,7 +114,7 @@ def build(export_dir: Path, finetune_dir: Path, section: EvaluateSection, export
     for target in export.targets:
         if not target_runs_here(target):
             log.warning("%s model NOT evaluated: this host has no CUDA GPU", target)
-            report["targets"][target] = {"evaluated": False, "reason": "no CUDA GPU on the build host"}
+            report["targets"][target] = {"evaluated": False, "reason": NO_GPU}
             continue
         quality, tokens_per_s = evaluate_target(out / target, target, section, name, template, held)
         report["targets"][target] = {"evaluated": True, **quality}

@@ -145,6 +145,9 @@ def write_adapter(params: dict[str, "object"], path: Path) -> None:
     fmt.export_adapter(str(path))
 
 
+NO_GPU = "no CUDA GPU on the build host"
+
+
 def target_runs_here(target: str) -> bool:
     """Whether this host can run ``target``'s model (the cuda one needs a CUDA GPU)."""
     if target == "cpu":
@@ -212,7 +215,7 @@ def export_target(awq_dir: Path, finetune_dir: Path, section: ExportSection, tar
     if not target_runs_here(target):
         log.warning("%s model NOT checked: this host has no CUDA GPU. Build on a GPU host (or run "
                     "`doit evaluate` there) before shipping it", target)
-        return {"checked": False, "reason": "no CUDA GPU on the build host"}
+        return {"checked": False, "reason": NO_GPU}
     return {"checked": True, **check_logits(out, awq_dir, finetune_dir / "adapter", adapter_file, prompts, section, target)}
 
 

@@ -26,8 +26,8 @@ def differences(listed: dict, actual: dict) -> list[str]:
     return problems
 
 
-def verify(paths: Paths) -> dict[str, list[str]]:
-    """{stage: problems} for every damaged stage; damaged stages and their dependents are made stale."""
+def find_damage(paths: Paths) -> dict[str, list[str]]:
+    """{stage: problems} for every published stage whose files differ from its manifest (read only)."""
     damaged: dict[str, list[str]] = {}
     for stage in STAGES:
         folder = paths.stage(stage.name)
@@ -37,6 +37,12 @@ def verify(paths: Paths) -> dict[str, list[str]]:
         problems = differences(listed, file_table(folder))
         if problems:
             damaged[stage.name] = problems
+    return damaged
+
+
+def verify(paths: Paths) -> dict[str, list[str]]:
+    """{stage: problems} for every damaged stage; damaged stages and their dependents are made stale."""
+    damaged = find_damage(paths)
     stale = [s.name for s in STAGES if s.name in damaged or set(upstream_closure(s.name)) & damaged.keys()]
     for name in stale:
         (paths.manifest(name)).unlink(missing_ok=True)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.manifest import sha256_file
+
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("dodo.py", "pipeline.toml", "tasks", "data")
 STAGES = ("base", "quantize", "finetune", "export", "evaluate")
@@ -47,6 +49,12 @@ def executed(result: subprocess.CompletedProcess) -> list[str]:
 def manifest(project: Path, stage: str, build_dir: str = "build/tiny") -> dict:
     folder = "package" if stage == "evaluate" else stage
     return json.loads((project / build_dir / folder / "MANIFEST.json").read_text())
+
+
+def manifest_digests(project: Path, build_dir: str = "build/tiny") -> dict[str, str]:
+    """sha256 of every stage's MANIFEST.json: equal before and after means nothing was rebuilt or lost."""
+    return {s: sha256_file(project / build_dir / ("package" if s == "evaluate" else s) / "MANIFEST.json")
+            for s in STAGES}
 
 
 def copy_project(src: Path, dst: Path) -> Path:

@@ -5,16 +5,10 @@ import re
 
 import pytest
 
-from tasks.manifest import sha256_file
 
-from conftest import STAGES, doit, executed
+from conftest import doit, executed, manifest_digests
 
 pytestmark = pytest.mark.slow
-
-
-def digests(project):
-    return {s: sha256_file(project / "build/tiny" / ("package" if s == "evaluate" else s) / "MANIFEST.json")
-            for s in STAGES}
 
 
 def error_lines(result):
@@ -22,7 +16,7 @@ def error_lines(result):
 
 
 def expect_refusal(project, args, pattern):
-    before = digests(project)
+    before = manifest_digests(project)
     result = doit(project, *args, check=False)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout
@@ -30,7 +24,7 @@ def expect_refusal(project, args, pattern):
     assert len(lines) == 1, (result.stdout, result.stderr)
     assert re.search(pattern, lines[0]), lines[0]
     assert executed(result) == []
-    assert digests(project) == before
+    assert manifest_digests(project) == before
 
 
 @pytest.mark.parametrize("content, pattern", [

@@ -16,12 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.config import load_config, parse_override
+from tasks.config import load_config
 from tasks.data import load_records
 from tasks.errors import PipelineError
-from tasks.manifest import sha256_file
 
-from conftest import REPO
+from conftest import REPO, manifest_digests
 
 settings.register_profile("ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -125,10 +124,6 @@ def test_arbitrary_text_as_config_or_override_never_crashes(text):
 
 # --- end to end: the nastiest cases through doit ------------------------------------------------------
 
-def manifests(project: Path) -> dict:
-    build = project / "build/tiny"
-    return {d.name: sha256_file(d / "MANIFEST.json") for d in build.iterdir() if (d / "MANIFEST.json").is_file()}
-
 
 GOOD = json.dumps({"prompt": "Best time for Kyoto?", "response": "Late autumn."}) + "\n"
 CASES = {
@@ -150,7 +145,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_through_doit_is_one_line_and_overwrites_nothing(project_copy, case):
     kind, content, pattern = CASES[case]
-    before = manifests(project_copy)
+    before = manifest_digests(project_copy)
     if kind == "data":
         (project_copy / "data/travel_qa.jsonl").write_bytes(content)
     elif kind == "symlink":
@@ -166,4 +161,4 @@ def test_bad_input_through_doit_is_one_line_and_overwrites_nothing(project_copy,
     assert len(errors) == 1, result.stderr[-2000:]
     import re
     assert re.search(pattern, errors[0]), errors[0]
-    assert manifests(project_copy) == before
+    assert manifest_digests(project_copy) == before

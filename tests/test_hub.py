@@ -32,12 +32,14 @@ def make_hub_cache(model_dir, hf_home):
     (repo / "refs" / "main").write_text(REVISION)
 
 
-def run_base(project, hf_home, revision):
+def run_base(project, hf_home, revision=REVISION, *settings):
+    """The base stage of a Hub-profile build from the local cache, offline; extra settings as KEY=VALUE."""
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("HF_TOKEN", None)
+    overrides = ["model.profile=hub", f"model.repo_id={REPO_ID}", f"model.revision={revision}", "build.dir=build/hub",
+                 *settings]
     return subprocess.run(
-        [sys.executable, "-m", "tasks", "stage", "base", "--set", "model.profile=hub", "--set", f"model.repo_id={REPO_ID}",
-         "--set", f"model.revision={revision}", "--set", "build.dir=build/hub"],
+        [sys.executable, "-m", "tasks", "stage", "base", *(a for o in overrides for a in ("--set", o))],
         cwd=project, capture_output=True, text=True, env=env, timeout=300)
 
 

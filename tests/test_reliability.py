@@ -13,17 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks.manifest import sha256_file
 
-from conftest import REPO, doit, executed
+from conftest import REPO, doit, executed, manifest_digests
 
 pytestmark = pytest.mark.slow
 BUILD = "build/tiny"
 
-
-def manifests(project: Path) -> dict[str, str]:
-    build = project / BUILD
-    return {d.name: sha256_file(d / "MANIFEST.json") for d in build.iterdir() if (d / "MANIFEST.json").is_file()}
 
 
 def used_bytes(folder: Path) -> int:
@@ -56,18 +51,18 @@ def small_disk(project_copy):
 
 def test_preflight_refuses_a_stage_that_cannot_fit_and_changes_nothing(project_copy, small_disk):
     small_disk(free_mb=20)
-    before = manifests(project_copy)
+    before = manifest_digests(project_copy)
     result = doit(project_copy, "export.check_prompts=4", check=False)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "not enough disk space for stage export" in errors[0] and "MB are free" in errors[0]
     assert "Traceback" not in result.stderr
-    assert manifests(project_copy) == before
+    assert manifest_digests(project_copy) == before
 
 
 def test_disk_filling_up_mid_stage_gives_one_clear_line_and_keeps_the_previous_output(project_copy, small_disk):
     build = small_disk(free_mb=300)
-    before = manifests(project_copy)
+    before = manifest_digests(project_copy)
     log = build / "logs/export.log"
     log.unlink()
     proc = subprocess.Popen([sys.executable, "-m", "doit", "export.check_prompts=4"], cwd=project_copy,
@@ -92,7 +87,7 @@ def test_disk_filling_up_mid_stage_gives_one_clear_line_and_keeps_the_previous_o
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert errors and "no space left on device while building export" in errors[0], stderr[-2000:]
     assert "Traceback" not in stderr
-    assert manifests(project_copy) == before                   # nothing published, nothing lost
+    assert manifest_digests(project_copy) == before                   # nothing published, nothing lost
     assert not [p for p in (build / ".staging").iterdir() if p.name.startswith("export.")]
     filler.unlink()
     assert subprocess.run([sys.executable, "-m", "tasks", "verify"], cwd=project_copy, capture_output=True).returncode == 0

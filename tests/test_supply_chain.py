@@ -2,7 +2,6 @@
 Hub's layout), and hash-pinned installs."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from test_hub import REPO_ID, REVISION, make_hub_cache
+from test_hub import REVISION, make_hub_cache, run_base
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +27,6 @@ def hub_model(project: Path, tmp_path: Path, edit=None) -> Path:
     return tmp_path / "hf"
 
 
-def run_base(project: Path, hf_home: Path, *settings: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    args = ["model.profile=hub", f"model.repo_id={REPO_ID}", "build.dir=build/hub", *settings]
-    if not any(s.startswith("model.revision=") for s in settings):
-        args.append(f"model.revision={REVISION}")
-    cmd = [sys.executable, "-m", "tasks", "stage", "base"]
-    for s in args:
-        cmd += ["--set", s]
-    return subprocess.run(cmd, cwd=project, capture_output=True, text=True, env=env, timeout=300)
-
-
 def one_error_line(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -49,9 +37,9 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 def test_floating_revision_is_refused_unless_allowed_and_then_pinned_in_the_manifest(project_copy, tmp_path):
     hf = hub_model(project_copy, tmp_path)
-    line = one_error_line(run_base(project_copy, hf, "model.revision=main"))
+    line = one_error_line(run_base(project_copy, hf, "main"))
     assert "'main' is not a 40-hex commit" in line and "model.allow_floating_revision" in line
-    result = run_base(project_copy, hf, "model.revision=main", "model.allow_floating_revision=true")
+    result = run_base(project_copy, hf, "main", "model.allow_floating_revision=true")
     assert result.returncode == 0, result.stderr
     facts = json.loads((project_copy / "build/hub/base/MANIFEST.json").read_text())["facts"]
     assert facts["revision"] == "main" and facts["commit"] == REVISION
@@ -70,7 +58,7 @@ def test_a_model_that_needs_its_own_code_is_refused_unless_trusted(project_copy,
     line = one_error_line(run_base(project_copy, hf))
     assert "needs its own Python code" in line and "model.trust_remote_code = true" in line
     assert not (project_copy / "build/hub/base").exists()
-    result = run_base(project_copy, hf, "model.trust_remote_code=true")
+    result = run_base(project_copy, hf, REVISION, "model.trust_remote_code=true")
     assert result.returncode == 0, result.stderr
     assert (project_copy / "build/hub/base/modeling_mystery.py").is_file()  # fetched only once allowed
     assert json.loads((project_copy / "build/hub/base/MANIFEST.json").read_text())["facts"]["remote_code"] == "allowed"

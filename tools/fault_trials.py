@@ -33,8 +33,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tasks.config import load_config  # noqa: E402
 from tasks.manifest import file_table, sha256_file  # noqa: E402
+from tasks.paths import Paths  # noqa: E402
 from tasks.stages import STAGES  # noqa: E402
+from tasks.verify import find_damage  # noqa: E402
 
 STAGE_NAMES = [s.name for s in STAGES]
 NOT_REPRODUCIBLE = {"package/speed.json"}
@@ -74,18 +77,11 @@ def snapshot(project: Path) -> dict[str, dict]:
 
 
 def whole(project: Path) -> list[str]:
-    """Problems: published stage folders whose files differ from their manifest's list."""
-    problems = []
-    for stage in STAGE_NAMES:
-        folder = project / "build/tiny" / folder_of(stage)
-        if not folder.exists():
-            continue
-        manifest = folder / "MANIFEST.json"
-        if not manifest.is_file():
-            problems.append(f"{folder.name}: folder without MANIFEST.json")
-            continue
-        if json.loads(manifest.read_text())["files"] != file_table(folder):
-            problems.append(f"{folder.name}: files differ from its manifest")
+    """Problems: published stage folders whose files differ from their manifest's list, or that have none."""
+    paths = Paths.of(project, load_config(project / "pipeline.toml"))
+    problems = [f"{stage}: {'; '.join(found)}" for stage, found in find_damage(paths).items()]
+    problems += [f"{stage}: folder without MANIFEST.json" for stage in STAGE_NAMES
+                 if paths.stage(stage).exists() and not paths.manifest(stage).is_file()]
     return problems
 
 
