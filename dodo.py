@@ -112,6 +112,34 @@ for _stage in STAGES:
     globals()[f"task_{_stage.name}"] = _stage_task(_stage)
 
 
+# --- publishing ([publish] in the config); never part of the default build -----------------------
+
+
+def task_publish():
+    """Register the finished package (checked against its manifests first) in publish.registry."""
+    return {"actions": [STAGE_CMD + ["publish"] + CONFIG_ARGS], "uptodate": [False], "verbosity": 2}
+
+
+def task_versions():
+    """List the registered versions of publish.name with their package digests."""
+    return {"actions": [STAGE_CMD + ["versions"] + CONFIG_ARGS], "uptodate": [False], "verbosity": 2}
+
+
+def task_fetch_package():
+    """Download a registered version and verify it bit for bit: doit fetch-package --version N --to DIR."""
+    def command(version, to):
+        return shlex.join(STAGE_CMD + ["fetch-package", "--version", version] + (["--to", to] if to else []) + CONFIG_ARGS)
+
+    return {
+        "basename": "fetch-package",
+        "actions": [CmdAction(command)],
+        "params": [{"name": "version", "long": "version", "default": "latest", "help": "registered version (latest)"},
+                   {"name": "to", "long": "to", "default": "", "help": "new folder (default fetched/NAME-VERSION)"}],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
+
+
 # --- the toolchain image (docker/Dockerfile); never part of the default build --------------------
 # `image_variant` has no dot on purpose: dotted command-line names are config overrides.
 IMAGE_VARIANT = get_var("image_variant", os.environ.get("PIPELINE_IMAGE_VARIANT", "cuda"))

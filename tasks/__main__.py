@@ -1,4 +1,5 @@
-"""Command line: ``python -m tasks stage NAME`` (what doit runs), ``check``, ``chat``."""
+"""Command line: ``python -m tasks stage NAME`` (what doit runs), ``check``, ``verify``, ``chat``,
+``publish``, ``versions``, ``fetch-package``."""
 
 from __future__ import annotations
 
@@ -18,10 +19,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("stage", "build one stage (doit calls this)"), ("check", "validate config and inputs"),
-                            ("verify", "re-hash outputs against their manifests")):
+                            ("verify", "re-hash outputs against their manifests"),
+                            ("publish", "register the finished package in the publish.registry"),
+                            ("versions", "list the registered versions of publish.name"),
+                            ("fetch-package", "download a registered version and verify it bit for bit")):
         p = sub.add_parser(name, help=help_text)
         if name == "stage":
             p.add_argument("name")
+        if name == "fetch-package":
+            p.add_argument("--version", default="latest", help="registered version (default: latest)")
+            p.add_argument("--to", default=None, type=Path,
+                           help="new folder for the verified package (default: fetched/NAME-VERSION)")
         p.add_argument("--config", default="pipeline.toml")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. finetune.rank=16")
         p.add_argument("--root", default=".", help="project root that relative paths start from")
@@ -47,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.root)
         cfg = load_config(root / args.config, args.set)
         paths = Paths.of(root, cfg)
+        if args.command in ("publish", "versions", "fetch-package"):
+            from tasks import publish
+
+            if args.command == "publish":
+                return publish.main_publish(paths, cfg)
+            if args.command == "versions":
+                return publish.main_versions(cfg)
+            dest = args.to or root / "fetched" / f"{cfg.publish.name.replace('/', '--')}-{args.version}"
+            return publish.main_fetch(cfg, args.version, dest)
         if args.command == "verify":
             from tasks.verify import verify
 

@@ -214,6 +214,64 @@ class EvaluateSection(Section):
     loss_records: int = Field(16, ge=1)
 
 
+# Key names that would hold a secret: the config is committed and hashed into logs, so credentials
+# come from the environment only (see tasks/registries.py for which variables each registry reads).
+SECRET_KEY_RE = re.compile(r"(token|password|secret|api_?key|credential)", re.IGNORECASE)
+
+
+class MlflowRegistry(Section):
+    tracking_uri: str = ""
+    """MLflow tracking server (or an Azure ML workspace's MLflow URI); empty: $MLFLOW_TRACKING_URI."""
+    experiment: str = "ondevice-llm-build"
+    """Experiment that holds the publishing runs (one run per new version)."""
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_userinfo(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        if value and (urlsplit(value).username or urlsplit(value).password):
+            raise ValueError("credentials in the tracking URI; remove them and set MLFLOW_TRACKING_USERNAME/"
+                             "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN in the environment instead")
+        return value
+
+
+class AzureMLRegistry(Section):
+    subscription_id: str = ""
+    """Empty: $AZURE_SUBSCRIPTION_ID."""
+    resource_group: str = ""
+    """Empty: $AZURE_RESOURCE_GROUP."""
+    workspace: str = ""
+    """Empty: $AZUREML_WORKSPACE_NAME."""
+
+
+class HfHubRegistry(Section):
+    private: bool = True
+    """Create the model repository private when it does not exist yet."""
+    branch: str = "main"
+    """Branch that receives one commit per published version."""
+
+
+class PublishSection(Section):
+    """Where ``doit publish`` registers the finished package; read by publish/fetch only, never by a stage."""
+
+    registry: Literal["mlflow", "azureml", "hf"] = "mlflow"
+    name: str = Field("ft-for-travel", min_length=1)
+    """Registered model name (MLflow, Azure ML) or model repository id ``owner/name`` (hf)."""
+    mlflow: MlflowRegistry = MlflowRegistry()
+    azureml: AzureMLRegistry = AzureMLRegistry()
+    hf: HfHubRegistry = HfHubRegistry()
+
+    @model_validator(mode="after")
+    def _name_fits_registry(self) -> "PublishSection":
+        if self.registry == "hf" and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", self.name):
+            raise ValueError(f"publish.name {self.name!r} is not a Hub repository id; write owner/name")
+        if self.registry == "azureml" and not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,254}", self.name):
+            raise ValueError(f"publish.name {self.name!r} is not a valid Azure ML model name "
+                             "(letters, digits, '_', '-', '.'; starting with a letter or digit)")
+        return self
+
+
 class PipelineConfig(Section):
     build: BuildSection = BuildSection()
     model: ModelSection = ModelSection()
@@ -222,6 +280,7 @@ class PipelineConfig(Section):
     finetune: FinetuneSection = FinetuneSection()
     export: ExportSection = ExportSection()
     evaluate: EvaluateSection = EvaluateSection()
+    publish: PublishSection = PublishSection()
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -261,6 +320,9 @@ def _describe(error: ValidationError, source: str) -> str:
 
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden" and SECRET_KEY_RE.search(str(first["loc"][-1])):
+        return (f"{source}: {where!r} looks like a credential; secrets are read from the environment only, never "
+                "from the config (MLFLOW_TRACKING_TOKEN, HF_TOKEN, AZURE_CLIENT_SECRET...): remove the key")
     if first["type"] == "extra_forbidden":
         close = difflib.get_close_matches(str(first["loc"][-1]), _known_keys(first["loc"]), n=1, cutoff=0.6)
         if close:

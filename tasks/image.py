@@ -431,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
             if not command:
                 parser.error("run: give the command after --, e.g. -- doit")
             image = args.image or read_image_id(Path(args.root) / (args.iidfile or default_iidfile()))
-            return run_in_image(args.root, image, command, args.gpus, hf_cache=args.hf_cache)
+            # The image id travels in so that each stage built inside records it (tasks/provenance.py).
+            return run_in_image(args.root, image, command, args.gpus, hf_cache=args.hf_cache,
+                                env={"PIPELINE_IMAGE_ID": image})
         version = daemon_version()
         flags = gpu_flags(args.gpus)
         print(f"docker daemon {version} reachable; GPUs: {'yes' if flags else 'no'}")

@@ -17,6 +17,7 @@ from tasks.disk import check_free_space, is_disk_full
 from tasks.errors import PipelineError
 from tasks.manifest import manifest_digest, read_manifest, sha256_file, staged_output, write_manifest
 from tasks.paths import Paths
+from tasks.provenance import record_environment
 from tasks.stages import BY_NAME, config_values, upstream_closure
 
 log = logging.getLogger("tasks")
@@ -140,5 +141,9 @@ def run_stage(name: str, cfg: PipelineConfig, paths: Paths) -> Path:
                 f"and the previous {name} output is untouched; free some space (or set build.dir to a bigger disk) "
                 "and run doit again"
             ) from None
+        try:
+            record_environment(paths, name, manifest_digest(final))
+        except OSError as exc:  # provenance only: the stage itself is complete
+            log.warning("%s: could not record the build environment (%s); publishing will report it unknown", name, exc)
         log.info("%s: done in %.1fs (log: %s)", name, time.monotonic() - start, paths.log(name))
     return final

@@ -15,7 +15,7 @@ from tasks.config import PipelineConfig
 # Code every stage runs through; a change here reruns all stages (early cutoff stops the cascade
 # where the bytes come out the same).
 COMMON_CODE = ("tasks/__main__.py", "tasks/runner.py", "tasks/manifest.py", "tasks/config.py", "tasks/paths.py",
-               "tasks/disk.py")
+               "tasks/disk.py", "tasks/provenance.py")
 
 
 @dataclass(frozen=True)
