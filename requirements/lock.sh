@@ -7,3 +7,5 @@ UV="${UV:-../.venv/bin/uv}"
 for variant in cpu cuda; do
   "$UV" pip compile "$variant.in" --universal --python-version 3.11 --generate-hashes -o "$variant.lock.txt"
 done
+# The opt-in Azure ML extra, constrained by the CPU lock (Linux x86_64: its Windows split does not resolve).
+"$UV" pip compile azure.in --python-platform x86_64-manylinux_2_28 --python-version 3.11 --generate-hashes -o azure.lock.txt

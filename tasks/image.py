@@ -47,7 +47,9 @@ HF_CACHE = "/cache/huggingface"    # HF_HOME inside the image
 # Passed through to the container by name (`-e NAME`), so values never appear on a command line.
 # PIPELINE_BUILD_LOCK_HELD: `doit incontainer` already holds the build folder's lock on the host
 # (tasks/workspace_lock.py); the doit inside the container must not wait for it.
-PASSTHROUGH_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES", "PIPELINE_BUILD_LOCK_HELD")
+PASSTHROUGH_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES", "PIPELINE_BUILD_LOCK_HELD",
+                   # `doit incontainer publish`: the registry and its credentials, by name only
+                   "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def default_iidfile(target: str = "runtime", variant: str = "cuda") -> Path:
