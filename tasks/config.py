@@ -264,6 +264,9 @@ class PublishSection(Section):
 
     @model_validator(mode="after")
     def _name_fits_registry(self) -> "PublishSection":
+        if any(c in self.name for c in "'\"\\") or not self.name.isprintable():
+            raise ValueError(f"publish.name {self.name!r} holds quotes, backslashes or control characters; "
+                             "use letters, digits, '-', '_', '.'")
         if self.registry == "hf" and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", self.name):
             raise ValueError(f"publish.name {self.name!r} is not a Hub repository id; write owner/name")
         if self.registry == "azureml" and not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,254}", self.name):

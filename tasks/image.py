@@ -363,7 +363,8 @@ def run_command(root: str | os.PathLike, image_id: str, argv: Sequence[str], gpu
     for name in PASSTHROUGH_ENV:
         if name in os.environ:
             cmd += ["--env", name]             # by name: the value stays out of argv and `ps`
-    for key, value in (env or {}).items():
+    # The image id travels in so that each stage built inside records it (tasks/provenance.py).
+    for key, value in {"PIPELINE_IMAGE_ID": image_id, **(env or {})}.items():
         cmd += ["--env", f"{key}={value}"]
     cmd += _network_flags(network) + gpu_flags(gpus, cli)
     if sys.stdin.isatty() and sys.stdout.isatty():
@@ -433,9 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             if not command:
                 parser.error("run: give the command after --, e.g. -- doit")
             image = args.image or read_image_id(Path(args.root) / (args.iidfile or default_iidfile()))
-            # The image id travels in so that each stage built inside records it (tasks/provenance.py).
-            return run_in_image(args.root, image, command, args.gpus, hf_cache=args.hf_cache,
-                                env={"PIPELINE_IMAGE_ID": image})
+            return run_in_image(args.root, image, command, args.gpus, hf_cache=args.hf_cache)
         version = daemon_version()
         flags = gpu_flags(args.gpus)
         print(f"docker daemon {version} reachable; GPUs: {'yes' if flags else 'no'}")

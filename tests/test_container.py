@@ -443,6 +443,13 @@ def test_tiny_build_in_container_equals_host_build(runtime, context, capfd):
             manifest_files_compared=sum(len(in_container[s]["files"]) for s in STAGES))
     assert differences == {}, json.dumps(differences, indent=1)[:4000]
     assert all(keys == [] for keys in other_keys.values()), other_keys
+    # Where each stage was built is provenance beside the manifests (what `doit publish` uploads).
+    for stage in STAGES:
+        record = stage if stage != "package" else "evaluate"
+        inside = json.loads((context / "build/tiny-container/provenance" / f"{record}.json").read_text())
+        outside = json.loads((context / "build/tiny-host/provenance" / f"{record}.json").read_text())
+        assert (inside["image_id"], outside["image_id"]) == (runtime["id"], None)
+        assert inside["lock"] == outside["lock"] and inside["lock"]["sha256"]
 
 
 def test_code_only_change_does_not_reinstall_dependencies(runtime, context, extra_ca, tmp_path):

@@ -270,6 +270,11 @@ def test_hub_publish_without_a_token_is_refused(monkeypatch, tmp_path):
         open_registry(PublishSection(registry="hf", name="me/ft-for-travel"))
 
 
-def test_hub_repository_id_is_checked_with_the_config():
-    with pytest.raises(PipelineError, match="not a Hub repository id; write owner/name"):
-        load_config(REPO / "pipeline.toml", ["publish.registry=hf", "publish.name=no-owner"])
+@pytest.mark.parametrize("overrides, message", [
+    (["publish.registry=hf", "publish.name=no-owner"], "not a Hub repository id; write owner/name"),
+    (["publish.name=\"it's\""], "holds quotes"),
+    (["publish.registry=azureml", "publish.name=a/b"], "not a valid Azure ML model name"),
+])
+def test_registry_names_are_checked_with_the_config(overrides, message):
+    with pytest.raises(PipelineError, match=message):
+        load_config(REPO / "pipeline.toml", overrides)

@@ -1,0 +1,178 @@
+"""Run cache: every stage output, stored by what produced it, restored instead of recomputed.
+
+Key = sha256 of (stage, the config keys it reads, the digests of its upstream manifests and input
+files, the digest of its code and of the dependency lock). A stage whose key is cached gets that
+output back (hard links where the filesystem allows, else copies), re-hashed against its manifest
+before it is published; an entry that fails the check is dropped and the stage is computed.
+
+Layout: ``<cache.dir>/<stage>/<key>/`` (the output with its MANIFEST.json). Entries appear by one
+rename of a complete folder, so concurrent writers (several builds, machines sharing the folder over
+NFS) are safe: the first rename wins, the others discard their copy, and a reader never sees half an
+entry. ``cache.max_size_gb`` bounds the folder; least recently used entries go first (`doit cache-gc`,
+and after every store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.config import PipelineConfig
+from tasks.manifest import MANIFEST, file_table, read_manifest
+from tasks.paths import Paths
+from tasks.provenance import lock_record
+from tasks.stages import COMMON_CODE, Stage, config_values
+
+log = logging.getLogger("tasks.cache")
+FORMAT = 1
+
+
+def code_digest(root: Path, stage: Stage) -> str:
+    digest = hashlib.sha256()
+    for rel in sorted(set(stage.code + COMMON_CODE)):
+        path = root / rel
+        digest.update(rel.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"<missing>") + b"\0")
+    return digest.hexdigest()
+
+
+def cache_key(stage: Stage, cfg: PipelineConfig, paths: Paths, inputs: dict, input_files: dict) -> str:
+    body = {
+        "format": FORMAT,
+        "stage": stage.name,
+        "config": config_values(cfg, stage.keys),
+        "inputs": inputs,
+        "input_files": input_files,
+        "code": code_digest(paths.root, stage),
+        "lock": lock_record(paths.root),
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@dataclass(frozen=True)
+class RunCache:
+    root: Path
+    max_bytes: int
+
+    @classmethod
+    def of(cls, paths: Paths, cfg: PipelineConfig) -> "RunCache | None":
+        if not cfg.cache.enabled:
+            return None
+        return cls((paths.root / cfg.cache.dir).resolve(), int(cfg.cache.max_size_gb * (1 << 30)))
+
+    def entry(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def restore(self, stage: str, key: str, staging: Path) -> bool:
+        """Fill the empty staging folder from the cache; False (staging left empty) on a miss or a bad entry."""
+        entry = self.entry(stage, key)
+        if not (entry / MANIFEST).is_file():
+            return False
+        try:
+            listed = read_manifest(entry)["files"]
+            for rel in listed:
+                _link_or_copy(entry / rel, staging / rel)
+            shutil.copyfile(entry / MANIFEST, staging / MANIFEST)
+            if file_table(staging) != listed:
+                raise ValueError("files differ from the entry's manifest")
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("%s: run cache entry %s is damaged (%s); dropping it and building", stage, key[:12], exc)
+            for child in list(staging.iterdir()):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            self._discard(entry)
+            return False
+        with contextlib.suppress(OSError):
+            os.utime(entry)  # least recently used goes first
+        return True
+
+    def store(self, stage: str, key: str, output: Path) -> None:
+        """Add a published stage output under key (no-op if present); never fails the build."""
+        entry = self.entry(stage, key)
+        if entry.is_dir():
+            with contextlib.suppress(OSError):
+                os.utime(entry)
+            return
+        tmp = self.root / stage / f".tmp.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir(parents=True)
+            for path in sorted(output.rglob("*")):
+                if path.is_file():
+                    _link_or_copy(path, tmp / path.relative_to(output))
+            try:
+                os.rename(tmp, entry)
+            except OSError:
+                if not entry.is_dir():  # not "another writer was first": a real problem
+                    raise
+            log.info("%s: stored in the run cache (%s)", stage, key[:12])
+        except OSError as exc:
+            log.warning("%s: could not store the output in the run cache %s (%s); the build is unaffected",
+                        stage, self.root, exc)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.gc()
+
+    def _discard(self, entry: Path) -> None:
+        """Rename away first, so no reader sees a half-deleted entry."""
+        doomed = entry.parent / f".gone.{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        with contextlib.suppress(OSError):
+            os.rename(entry, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    def entries(self) -> list[tuple[float, int, Path]]:
+        """(last use, bytes, folder) of every complete entry, oldest first."""
+        found = []
+        if self.root.is_dir():
+            for stage_dir in self.root.iterdir():
+                if not stage_dir.is_dir():
+                    continue
+                for entry in stage_dir.iterdir():
+                    if entry.name.startswith(".") or not entry.is_dir():
+                        continue
+                    with contextlib.suppress(OSError):
+                        found.append((entry.stat().st_mtime, _tree_bytes(entry), entry))
+        return sorted(found)
+
+    def gc(self, max_bytes: int | None = None, stale_tmp_s: float = 24 * 3600) -> tuple[int, int]:
+        """Remove least recently used entries until the cache fits; also writers' leftovers older than a
+        day (killed builds). Returns (entries removed, bytes freed)."""
+        limit = self.max_bytes if max_bytes is None else max_bytes
+        entries = self.entries()
+        total = sum(size for _, size, _ in entries)
+        removed = freed = 0
+        for _, size, entry in entries:
+            if total <= limit:
+                break
+            self._discard(entry)
+            total -= size
+            removed += 1
+            freed += size
+        if self.root.is_dir():
+            now = time.time()
+            for leftover in self.root.glob("*/.*"):
+                with contextlib.suppress(OSError):
+                    if now - leftover.stat().st_mtime > stale_tmp_s:
+                        shutil.rmtree(leftover, ignore_errors=True)
+        if removed:
+            log.info("run cache: removed %d least recently used entries (%.1f MB) to stay under %.1f GB",
+                     removed, freed / 1e6, limit / (1 << 30))
+        return removed, freed
