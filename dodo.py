@@ -112,6 +112,12 @@ for _stage in STAGES:
     globals()[f"task_{_stage.name}"] = _stage_task(_stage)
 
 
+def task_cache_gc():
+    """Trim the run cache to cache.max_size_gb, least recently used first, and list what is left."""
+    return {"basename": "cache-gc", "actions": [STAGE_CMD + ["cache", "gc"] + CONFIG_ARGS], "uptodate": [False],
+            "verbosity": 2}
+
+
 # --- publishing ([publish] in the config); never part of the default build -----------------------
 
 

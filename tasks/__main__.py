@@ -22,10 +22,14 @@ def main(argv: list[str] | None = None) -> int:
                             ("verify", "re-hash outputs against their manifests"),
                             ("publish", "register the finished package in the publish.registry"),
                             ("versions", "list the registered versions of publish.name"),
-                            ("fetch-package", "download a registered version and verify it bit for bit")):
+                            ("fetch-package", "download a registered version and verify it bit for bit"),
+                            ("cache", "list the run cache, or `cache gc` to trim it to cache.max_size_gb")):
         p = sub.add_parser(name, help=help_text)
         if name == "stage":
             p.add_argument("name")
+        if name == "cache":
+            p.add_argument("action", nargs="?", choices=("list", "gc"), default="list")
+            p.add_argument("--max-size-gb", type=float, default=None, help="gc: trim to this size instead")
         if name == "fetch-package":
             p.add_argument("--version", default="latest", help="registered version (default: latest)")
             p.add_argument("--to", default=None, type=Path,
@@ -64,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                 return publish.main_versions(cfg)
             dest = args.to or root / "fetched" / f"{cfg.publish.name.replace('/', '--')}-{args.version}"
             return publish.main_fetch(cfg, args.version, dest)
+        if args.command == "cache":
+            from tasks.run_cache import main_cache
+
+            return main_cache(paths, cfg, args.action, args.max_size_gb)
         if args.command == "verify":
             from tasks.verify import verify
 

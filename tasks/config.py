@@ -214,6 +214,17 @@ class EvaluateSection(Section):
     loss_records: int = Field(16, ge=1)
 
 
+class CacheSection(Section):
+    """The run cache (tasks/run_cache.py); read by the runner, never part of a stage's own inputs."""
+
+    enabled: bool = True
+    dir: str = ".cache/runs"
+    """Relative to the project root, or absolute (a shared filesystem for a team or CI). On the build
+    folder's filesystem entries are hard links and cost no space until the build moves on."""
+    max_size_gb: float = Field(50.0, gt=0)
+    """Least recently used entries are removed past this size (counted as if nothing were shared)."""
+
+
 # Key names that would hold a secret: the config is committed and hashed into logs, so credentials
 # come from the environment only (see tasks/registries.py for which variables each registry reads).
 SECRET_KEY_RE = re.compile(r"(token|password|secret|api_?key|credential)", re.IGNORECASE)
@@ -284,6 +295,7 @@ class PipelineConfig(Section):
     export: ExportSection = ExportSection()
     evaluate: EvaluateSection = EvaluateSection()
     publish: PublishSection = PublishSection()
+    cache: CacheSection = CacheSection()
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -50,14 +50,18 @@ def environment_record(root: Path, manifest_sha256: str) -> dict:
     }
 
 
-def record_environment(paths: Paths, stage: str, manifest_sha256: str) -> Path:
-    """Write ``<build>/provenance/<stage>.json`` atomically (a reader never sees half of it)."""
+def record_environment(paths: Paths, stage: str, manifest_sha256: str, restored_from: str | None = None) -> Path:
+    """Write ``<build>/provenance/<stage>.json`` atomically (a reader never sees half of it). An output
+    restored from the run cache was computed elsewhere or earlier: the record says so (the cache key
+    covers the lock, not the image)."""
     folder = paths.build / "provenance"
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{stage}.json"
     tmp = folder / f".{stage}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(environment_record(paths.root, manifest_sha256), indent=2, sort_keys=True) + "\n",
-                   encoding="utf-8")
+    record = environment_record(paths.root, manifest_sha256)
+    if restored_from:
+        record["restored_from_run_cache"] = restored_from
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, final)
     return final
 

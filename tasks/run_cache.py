@@ -173,6 +173,25 @@ class RunCache:
                     if now - leftover.stat().st_mtime > stale_tmp_s:
                         shutil.rmtree(leftover, ignore_errors=True)
         if removed:
-            log.info("run cache: removed %d least recently used entries (%.1f MB) to stay under %.1f GB",
-                     removed, freed / 1e6, limit / (1 << 30))
+            log.info("run cache: removed %d least recently used entries (%.1f MB) to stay under %.1f MB",
+                     removed, freed / 1e6, limit / 1e6)
         return removed, freed
+
+
+def main_cache(paths: Paths, cfg: PipelineConfig, action: str, max_size_gb: float | None) -> int:
+    cache = RunCache.of(paths, cfg)
+    if cache is None:
+        print("the run cache is off (cache.enabled = false)")
+        return 0
+    if action == "gc":
+        logging.basicConfig(level=logging.INFO, format="  %(message)s")
+        limit = int(max_size_gb * (1 << 30)) if max_size_gb is not None else None
+        removed, freed = cache.gc(limit, stale_tmp_s=0 if max_size_gb == 0 else 24 * 3600)
+        print(f"cache gc: removed {removed} entries ({freed / 1e6:.1f} MB) from {cache.root}")
+    entries = cache.entries()
+    for used, size, entry in entries:
+        print(f"{entry.parent.name:9} {entry.name[:16]}  {size / 1e6:9.1f} MB  last used "
+              f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(used))}")
+    total = sum(size for _, size, _ in entries)
+    print(f"{len(entries)} entries, {total / 1e6:.1f} MB of {cache.max_bytes / 1e9:.1f} GB in {cache.root}")
+    return 0

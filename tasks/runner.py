@@ -18,6 +18,7 @@ from tasks.errors import PipelineError
 from tasks.manifest import manifest_digest, read_manifest, sha256_file, staged_output, write_manifest
 from tasks.paths import Paths
 from tasks.provenance import record_environment
+from tasks.run_cache import RunCache, cache_key
 from tasks.stages import BY_NAME, config_values, upstream_closure
 
 log = logging.getLogger("tasks")
@@ -119,19 +120,27 @@ def run_stage(name: str, cfg: PipelineConfig, paths: Paths) -> Path:
         files[rel] = sha256_file(path)
     final = paths.stage(name)
     need = check_free_space(name, cfg, paths)
+    cache = RunCache.of(paths, cfg)
+    key = cache_key(stage, cfg, paths, inputs, files) if cache else ""
     with stage_logging(paths.log(name)):
         start = time.monotonic()
         log.info("%s: building into %s%s", name, final, f" (needs up to {need >> 20} MB of disk)" if need else "")
+        restored = False
         try:
             with staged_output(final) as staging:
-                facts = _call_stage(name, cfg, paths, staging) or {}
-                write_manifest(staging, {
-                    "stage": name,
-                    "config": config_values(cfg, stage.keys),
-                    "inputs": inputs,
-                    "input_files": files,
-                    "facts": facts,
-                })
+                restored = cache is not None and cache.restore(name, key, staging)
+                if restored:
+                    log.info("%s: restored from the run cache (%s, key %s); nothing recomputed", name,
+                             cache.root, key[:12])
+                else:
+                    facts = _call_stage(name, cfg, paths, staging) or {}
+                    write_manifest(staging, {
+                        "stage": name,
+                        "config": config_values(cfg, stage.keys),
+                        "inputs": inputs,
+                        "input_files": files,
+                        "facts": facts,
+                    })
         except Exception as exc:
             if not is_disk_full(exc):
                 raise
@@ -141,8 +150,10 @@ def run_stage(name: str, cfg: PipelineConfig, paths: Paths) -> Path:
                 f"and the previous {name} output is untouched; free some space (or set build.dir to a bigger disk) "
                 "and run doit again"
             ) from None
+        if cache is not None and not restored:
+            cache.store(name, key, final)
         try:
-            record_environment(paths, name, manifest_digest(final))
+            record_environment(paths, name, manifest_digest(final), key if restored else None)
         except OSError as exc:  # provenance only: the stage itself is complete
             log.warning("%s: could not record the build environment (%s); publishing will report it unknown", name, exc)
         log.info("%s: done in %.1fs (log: %s)", name, time.monotonic() - start, paths.log(name))

@@ -15,7 +15,8 @@ from tasks.config import PipelineConfig
 # Code every stage runs through; a change here reruns all stages (early cutoff stops the cascade
 # where the bytes come out the same).
 COMMON_CODE = ("tasks/__main__.py", "tasks/runner.py", "tasks/manifest.py", "tasks/config.py", "tasks/paths.py",
-               "tasks/disk.py", "tasks/provenance.py")
+               "tasks/disk.py", "tasks/provenance.py",
+               "tasks/run_cache.py")
 
 
 @dataclass(frozen=True)
