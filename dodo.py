@@ -112,6 +112,33 @@ for _stage in STAGES:
     globals()[f"task_{_stage.name}"] = _stage_task(_stage)
 
 
+def task_matrix():
+    """Build every [matrix] point into <build.dir>/matrix/<point>/ and compare them (doit -n N matrix: in parallel)."""
+    from tasks.matrix import point_build_dir, points
+
+    grid = points(CFG.matrix)
+    base = [sys.executable, "-m", "doit"] + ([f"config={CONFIG}"] if CONFIG != "pipeline.toml" else []) + list(OVERRIDES)
+    for index, point in enumerate(grid):
+        yield {
+            "name": point.slug,
+            "doc": " ".join(point.overrides),
+            # Its own build folder (own doit state and lock); stages shared with earlier builds come from
+            # the run cache. The first point builds alone so that the others find base and quantize cached.
+            "actions": [base + [f"build.dir={point_build_dir(CFG.build.dir, point)}", *point.overrides]],
+            "task_dep": [f"matrix:{grid[0].slug}"] if index else [],
+            "uptodate": [False],
+            "verbosity": 2,
+        }
+    yield {
+        "name": "comparison",
+        "doc": "comparison.{json,md,png} of every point",
+        "actions": [STAGE_CMD + ["matrix-report"] + CONFIG_ARGS],
+        "task_dep": [f"matrix:{p.slug}" for p in grid],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
+
+
 def task_cache_gc():
     """Trim the run cache to cache.max_size_gb, least recently used first, and list what is left."""
     return {"basename": "cache-gc", "actions": [STAGE_CMD + ["cache", "gc"] + CONFIG_ARGS], "uptodate": [False],

@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
                             ("publish", "register the finished package in the publish.registry"),
                             ("versions", "list the registered versions of publish.name"),
                             ("fetch-package", "download a registered version and verify it bit for bit"),
-                            ("cache", "list the run cache, or `cache gc` to trim it to cache.max_size_gb")):
+                            ("cache", "list the run cache, or `cache gc` to trim it to cache.max_size_gb"),
+                            ("matrix-report", "compare the built [matrix] points (comparison.json/md/png)")):
         p = sub.add_parser(name, help=help_text)
         if name == "stage":
             p.add_argument("name")
@@ -68,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
                 return publish.main_versions(cfg)
             dest = args.to or root / "fetched" / f"{cfg.publish.name.replace('/', '--')}-{args.version}"
             return publish.main_fetch(cfg, args.version, dest)
+        if args.command == "matrix-report":
+            from tasks.matrix import write_comparison
+
+            out = write_comparison(paths.root, cfg.build.dir, cfg.matrix, cfg.export.targets[0])
+            print((out / "comparison.md").read_text(encoding="utf-8"))
+            print(f"matrix: comparison.json, comparison.md, comparison.png in {out}")
+            return 0
         if args.command == "cache":
             from tasks.run_cache import main_cache
 

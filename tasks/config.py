@@ -7,6 +7,7 @@ so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -296,6 +297,35 @@ class PipelineConfig(Section):
     evaluate: EvaluateSection = EvaluateSection()
     publish: PublishSection = PublishSection()
     cache: CacheSection = CacheSection()
+    matrix: dict[str, Any] = {}
+    """Experiment grid for `doit matrix` (tasks/matrix.py): {section: {key: [values]}}; read by no stage."""
+
+    @field_validator("matrix")
+    @classmethod
+    def _small_valid_grid(cls, grid: dict) -> dict:
+        if not grid:
+            return grid
+        from tasks.matrix import check_grid
+
+        check_grid(grid)
+        return grid
+
+    @model_validator(mode="after")
+    def _matrix_points_valid(self) -> "PipelineConfig":
+        """Every point must be a valid config itself (a bad value fails now, not after an hour of builds)."""
+        if self.matrix:
+            from tasks.matrix import points
+
+            base = self.model_dump(mode="json", exclude={"matrix"})
+            for point in points(self.matrix):
+                raw = json.loads(json.dumps(base))
+                for text in point.overrides:
+                    _apply_override(raw, *parse_override(text))
+                try:
+                    PipelineConfig.model_validate(raw)
+                except ValidationError as exc:
+                    raise ValueError(_describe(exc, f"matrix point {point.slug}")) from None
+        return self
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -345,7 +375,7 @@ def _describe(error: ValidationError, source: str) -> str:
             return f"{source}: unknown key {where!r}; did you mean {suggestion!r}?"
         return f"{source}: unknown key {where!r}; remove it or check its spelling against the README's configuration reference"
     msg = first["msg"].removeprefix("Value error, ")
-    return f"{source}: {where}: {msg}"
+    return f"{source}: {msg}" if not first["loc"] else f"{source}: {where}: {msg}"
 
 
 def load_config(path: str | Path = "pipeline.toml", overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
