@@ -51,6 +51,8 @@ class BuildSection(Section):
     """Folder that receives every stage's output (relative to the config file's folder)."""
     device: Literal["cpu", "cuda"] = "cpu"
     """Where quantize and finetune compute. The tiny profile is meant for cpu."""
+    gpu_slots: int = Field(1, ge=1, le=16)
+    """How many stages may compute on the GPU at once across all builds on this machine (tasks/gpu_slots.py)."""
 
 
 class TinyModel(Section):

@@ -16,6 +16,7 @@ from tasks.config import PipelineConfig
 from tasks.disk import check_free_space, is_disk_full
 from tasks.errors import PipelineError
 from tasks.manifest import manifest_digest, read_manifest, sha256_file, staged_output, write_manifest
+from tasks.gpu_slots import gpu_slot, uses_gpu
 from tasks.paths import Paths
 from tasks.provenance import record_environment
 from tasks.run_cache import RunCache, cache_key
@@ -133,7 +134,9 @@ def run_stage(name: str, cfg: PipelineConfig, paths: Paths) -> Path:
                     log.info("%s: restored from the run cache (%s, key %s); nothing recomputed", name,
                              cache.root, key[:12])
                 else:
-                    facts = _call_stage(name, cfg, paths, staging) or {}
+                    with (gpu_slot(cfg.build.gpu_slots, f"{name} in {paths.build}") if uses_gpu(name, cfg)
+                          else contextlib.nullcontext()):
+                        facts = _call_stage(name, cfg, paths, staging) or {}
                     write_manifest(staging, {
                         "stage": name,
                         "config": config_values(cfg, stage.keys),

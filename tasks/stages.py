@@ -16,7 +16,7 @@ from tasks.config import PipelineConfig
 # where the bytes come out the same).
 COMMON_CODE = ("tasks/__main__.py", "tasks/runner.py", "tasks/manifest.py", "tasks/config.py", "tasks/paths.py",
                "tasks/disk.py", "tasks/provenance.py",
-               "tasks/run_cache.py")
+               "tasks/run_cache.py", "tasks/gpu_slots.py")
 
 
 @dataclass(frozen=True)
