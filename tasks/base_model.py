@@ -11,11 +11,11 @@ import fnmatch
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from tasks.config import ModelSection, TinyModel
 from tasks.errors import PipelineError
+from tasks.manifest import link_or_copy
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +141,6 @@ def build_tiny_model(tiny: TinyModel, root: Path, out: Path) -> dict:
 
 # --- hub ------------------------------------------------------------------------------------------
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard link out of the HF cache (no second copy of a multi-GB file), copy across filesystems."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def check_remote_code(snapshot: Path, repo_id: str, trust_remote_code: bool) -> str:
@@ -212,6 +205,6 @@ def fetch_hub_model(repo_id: str, revision: str, out: Path, trust_remote_code: b
         raise PipelineError(f"{repo_id}@{revision[:12]} has no safetensors weights; pickled weights are refused")
     remote_code = check_remote_code(snapshot, repo_id, trust_remote_code)
     for path in files:
-        _link_or_copy(path.resolve(), out / path.relative_to(snapshot))
+        link_or_copy(path.resolve(), out / path.relative_to(snapshot))
     log.info("linked %d files from %s", len(files), snapshot)
     return {"source": "hub", "repo_id": repo_id, "revision": revision, "commit": commit, "remote_code": remote_code}

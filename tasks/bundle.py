@@ -15,13 +15,12 @@ PUBLISH.json, and every manifest's recorded inputs against the manifests it name
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 from tasks.config import PipelineConfig
 from tasks.errors import PipelineError
-from tasks.manifest import MANIFEST, file_table, manifest_digest, read_manifest, sha256_file
+from tasks.manifest import MANIFEST, file_table, link_tree, manifest_digest, read_manifest, sha256_file
 from tasks.paths import Paths
 from tasks.provenance import lock_record, read_environment
 from tasks.stages import STAGES, config_values
@@ -71,20 +70,6 @@ def check_publishable(paths: Paths, cfg: PipelineConfig) -> dict[str, str]:
     return digests
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard links (multi-GB packages cost nothing); a copy where the filesystem cannot link."""
-    for item in sorted(src.rglob("*")):
-        target = dst / item.relative_to(src)
-        if item.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(item, target)
-        except OSError:
-            shutil.copyfile(item, target)
-
-
 def publish_record(paths: Paths, cfg: PipelineConfig, digests: dict[str, str]) -> dict:
     """PUBLISH.json: no timestamps or hosts, so the same build always yields the same record."""
     package = read_manifest(paths.stage(PACKAGE_STAGE))
@@ -109,7 +94,7 @@ def publish_record(paths: Paths, cfg: PipelineConfig, digests: dict[str, str]) -
 def make_bundle(paths: Paths, cfg: PipelineConfig, dest: Path) -> dict:
     """Check the build, then assemble its bundle in the empty folder ``dest``; returns PUBLISH.json's record."""
     digests = check_publishable(paths, cfg)
-    _link_tree(paths.stage(PACKAGE_STAGE), dest)
+    link_tree(paths.stage(PACKAGE_STAGE), dest)
     (dest / PROVENANCE).mkdir()
     for stage in STAGES[:-1]:
         shutil.copyfile(paths.manifest(stage.name), dest / PROVENANCE / f"{stage.name}.{MANIFEST}")

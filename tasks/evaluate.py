@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -23,22 +21,15 @@ from tasks.config import EvaluateSection, ExportSection
 from tasks.data import Record, prompt_part, render
 from tasks.errors import PipelineError
 from tasks.export import ADAPTER_SUFFIX
+from tasks.manifest import link_tree
 from tasks.genai import all_logits, open_model, stream
 
 log = logging.getLogger(__name__)
 
 
 def copy_package(src: Path, dst: Path) -> None:
-    """Hard-link the export files (multi-GB for real models), copy where links are impossible."""
-    for item in sorted(src.rglob("*")):
-        rel = item.relative_to(src)
-        if rel.as_posix() == "MANIFEST.json" or not item.is_file():
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(item, dst / rel)
-        except OSError:
-            shutil.copyfile(item, dst / rel)
+    """The export files (multi-GB for real models), hard-linked; the export's manifest stays behind."""
+    link_tree(src, dst, exclude=("MANIFEST.json",))
 
 
 def response_loss(model, adapters, adapter, tokenizer, template: str, record: dict) -> tuple[float, int]:

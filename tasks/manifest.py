@@ -47,6 +47,23 @@ def file_table(folder: Path) -> dict[str, dict[str, Any]]:
     return table
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard link (multi-GB model files cost nothing twice); a copy where the filesystem cannot link."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def link_tree(src: Path, dst: Path, exclude: tuple[str, ...] = ()) -> None:
+    """Every file under src at the same relative path under dst (``exclude``: relative posix paths)."""
+    for item in sorted(src.rglob("*")):
+        rel = item.relative_to(src).as_posix()
+        if item.is_file() and rel not in exclude:
+            link_or_copy(item, dst / rel)
+
+
 def package_versions() -> dict[str, str]:
     versions = {}
     for name in RECORDED_PACKAGES:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import PipelineConfig
-from tasks.manifest import MANIFEST, file_table, read_manifest
+from tasks.manifest import MANIFEST, file_table, link_or_copy, link_tree, read_manifest
 from tasks.paths import Paths
 from tasks.provenance import lock_record
 from tasks.stages import COMMON_CODE, Stage, config_values
@@ -57,14 +57,6 @@ def cache_key(stage: Stage, cfg: PipelineConfig, paths: Paths, inputs: dict, inp
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def _tree_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -91,7 +83,7 @@ class RunCache:
         try:
             listed = read_manifest(entry)["files"]
             for rel in listed:
-                _link_or_copy(entry / rel, staging / rel)
+                link_or_copy(entry / rel, staging / rel)
             shutil.copyfile(entry / MANIFEST, staging / MANIFEST)
             if file_table(staging) != listed:
                 raise ValueError("files differ from the entry's manifest")
@@ -115,9 +107,7 @@ class RunCache:
         tmp = self.root / stage / f".tmp.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         try:
             tmp.mkdir(parents=True)
-            for path in sorted(output.rglob("*")):
-                if path.is_file():
-                    _link_or_copy(path, tmp / path.relative_to(output))
+            link_tree(output, tmp)
             try:
                 os.rename(tmp, entry)
             except OSError:
