@@ -23,7 +23,7 @@ from tasks.doit_guard import guard_state_database
 from tasks.doit_reporter import StageReporter
 from tasks.errors import PipelineError
 from tasks.paths import Paths
-from tasks.stages import COMMON_CODE, STAGES, config_fingerprint
+from tasks.stages import COMMON_CODE, config_fingerprint, stages_for
 from tasks.workspace_lock import READ_ONLY_COMMANDS, doit_command, hold_build_lock
 
 ROOT = Path(__file__).resolve().parent
@@ -35,6 +35,7 @@ except PipelineError as exc:
     print(f"error: {exc}", file=sys.stderr)
     sys.exit(exc.exit_code)
 PATHS = Paths.of(ROOT, CFG)
+STAGES = stages_for(CFG)  # the core stages, plus two per [adapters.<name>]
 PATHS.build.mkdir(parents=True, exist_ok=True)
 if doit_command(sys.argv) not in READ_ONLY_COMMANDS:
     try:

@@ -81,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return main_cache(paths, cfg, args.action, args.max_size_gb)
         if args.command == "verify":
+            from tasks.stages import stages_for
             from tasks.verify import verify
 
-            verify(paths)
+            verify(paths, stages_for(cfg))
             return 0
         if args.command == "check":
             from tasks.preflight import preflight

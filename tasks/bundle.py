@@ -23,7 +23,7 @@ from tasks.errors import PipelineError
 from tasks.manifest import MANIFEST, file_table, link_tree, manifest_digest, read_manifest, sha256_file
 from tasks.paths import Paths
 from tasks.provenance import lock_record, read_environment
-from tasks.stages import STAGES, config_values
+from tasks.stages import STAGES, config_values, stages_for
 from tasks.verify import differences, find_damage
 
 PROVENANCE = "provenance"
@@ -42,12 +42,13 @@ def _first_difference(built: dict, now: dict) -> str:
 def check_publishable(paths: Paths, cfg: PipelineConfig) -> dict[str, str]:
     """Refuse (one line) a package that is incomplete, stale against the config, its inputs or its own
     upstream stages, or damaged on disk. Returns {stage: manifest sha256}."""
-    missing = [s.name for s in STAGES if not paths.manifest(s.name).is_file()]
+    stages = stages_for(cfg)
+    missing = [s.name for s in stages if not paths.manifest(s.name).is_file()]
     if missing:
         raise PipelineError(f"nothing complete to publish in {paths.build}: {', '.join(missing)} not built; "
                             "run `doit` first")
-    digests = {s.name: manifest_digest(paths.stage(s.name)) for s in STAGES}
-    for stage in STAGES:
+    digests = {s.name: manifest_digest(paths.stage(s.name)) for s in stages}
+    for stage in stages:
         built = read_manifest(paths.stage(stage.name))
         for up, digest in built.get("inputs", {}).items():
             if digests.get(up) != digest:
@@ -62,7 +63,7 @@ def check_publishable(paths: Paths, cfg: PipelineConfig) -> dict[str, str]:
             if not path.is_file() or sha256_file(path) != digest:
                 raise PipelineError(f"input file {rel} changed since the {stage.name} stage was built; run `doit` "
                                     "to rebuild, then publish")
-    damaged = find_damage(paths)
+    damaged = find_damage(paths, stages)
     if damaged:
         stage, problems = next(iter(damaged.items()))
         raise PipelineError(f"the {stage} output differs from its manifest ({'; '.join(problems[:3])}); refusing to "
@@ -96,7 +97,7 @@ def make_bundle(paths: Paths, cfg: PipelineConfig, dest: Path) -> dict:
     digests = check_publishable(paths, cfg)
     link_tree(paths.stage(PACKAGE_STAGE), dest)
     (dest / PROVENANCE).mkdir()
-    for stage in STAGES[:-1]:
+    for stage in stages_for(cfg)[:-1]:
         shutil.copyfile(paths.manifest(stage.name), dest / PROVENANCE / f"{stage.name}.{MANIFEST}")
     record = publish_record(paths, cfg, digests)
     (dest / PUBLISH_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -217,6 +217,15 @@ class EvaluateSection(Section):
     loss_records: int = Field(16, ge=1)
 
 
+class AdapterData(Section):
+    """One more adapter of the package, trained on its own dataset with the [finetune] settings."""
+
+    path: str
+    """JSON-lines dataset of this adapter ({"prompt": ..., "response": ...} per line)."""
+    template: str | None = None
+    """Training text template; default: data.template."""
+
+
 class CacheSection(Section):
     """The run cache (tasks/run_cache.py); read by the runner, never part of a stage's own inputs."""
 
@@ -299,6 +308,9 @@ class PipelineConfig(Section):
     evaluate: EvaluateSection = EvaluateSection()
     publish: PublishSection = PublishSection()
     cache: CacheSection = CacheSection()
+    adapters: dict[str, AdapterData] = {}
+    """Adapters beyond [data] (named export.adapter_name): {name: dataset}. One base, one package, one
+    .onnx_adapter per name; adding one trains and exports only that one."""
     matrix: dict[str, Any] = {}
     """Experiment grid for `doit matrix` (tasks/matrix.py): {section: {key: [values]}}; read by no stage."""
 
@@ -311,6 +323,26 @@ class PipelineConfig(Section):
 
         check_grid(grid)
         return grid
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, adapters: dict) -> dict:
+        for name in adapters:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name):
+                raise ValueError(f"adapter name {name!r}: use letters, digits, '_' and '-' (it names files and stages)")
+        return adapters
+
+    @model_validator(mode="after")
+    def _primary_adapter_not_repeated(self) -> "PipelineConfig":
+        if self.export.adapter_name in self.adapters:
+            raise ValueError(f"adapters.{self.export.adapter_name} repeats export.adapter_name, the adapter trained "
+                             "on [data]; give it another name")
+        for name in self.adapters:
+            try:
+                adapter_data(self, name)
+            except ValidationError as exc:
+                raise ValueError(f"adapters.{name}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        return self
 
     @model_validator(mode="after")
     def _matrix_points_valid(self) -> "PipelineConfig":
@@ -328,6 +360,13 @@ class PipelineConfig(Section):
                 except ValidationError as exc:
                     raise ValueError(_describe(exc, f"matrix point {point.slug}")) from None
         return self
+
+
+def adapter_data(cfg: "PipelineConfig", name: str) -> DataSection:
+    """The [data] settings an extra adapter trains with: its own file and template, the shared split."""
+    spec = cfg.adapters[name]
+    return DataSection(path=spec.path, template=spec.template or cfg.data.template,
+                       eval_fraction=cfg.data.eval_fraction, split_seed=cfg.data.split_seed)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

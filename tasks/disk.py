@@ -43,8 +43,10 @@ def estimated_need(name: str, cfg: PipelineConfig, paths: Paths) -> int | None:
         return None if cfg.model.hub_source else random_model_bytes(cfg) + SLACK
     if name == "quantize":
         return _published_bytes(paths.stage("base")) + SLACK  # int4 + fp16 embeddings < the bf16 base
-    if name == "finetune":
+    if name == "finetune" or name.startswith("finetune_"):
         return SLACK
+    if name.startswith("adapter_"):
+        return len(cfg.export.targets) * SLACK  # one adapter file per target
     if name == "export":
         # Per target: the builder's model in scratch, then the grafted copy; each <= the AWQ folder + rope caches.
         return len(cfg.export.targets) * 2 * (_published_bytes(paths.stage("quantize")) + SLACK)

@@ -91,14 +91,36 @@ def evaluate_target(folder: Path, target: str, section: EvaluateSection, name: s
     return quality, {k: round(sum(v) / len(v), 1) for k, v in speed.items()}
 
 
+def _heldout(finetune_dir: Path) -> tuple[str, list[dict]]:
+    template = json.loads((finetune_dir / "metrics.json").read_text(encoding="utf-8"))["template"]
+    held = [json.loads(line) for line in (finetune_dir / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    return template, held
+
+
+def add_extra_adapters(out: Path, extra: dict[str, tuple[Path, Path]], section: EvaluateSection,
+                       export: ExportSection) -> dict:
+    """Link each extra adapter's files beside the base and evaluate it by name, on its own held-out set."""
+    from tasks.export import target_runs_here
+
+    report: dict = {}
+    for name, (adapter_dir, finetune_dir) in sorted(extra.items()):
+        link_tree(adapter_dir, out, exclude=("MANIFEST.json", "adapter_check.json"))
+        template, held = _heldout(finetune_dir)
+        report[name] = {"heldout_records": len(held), "targets": {}}
+        for target in export.targets:
+            if target_runs_here(target):
+                quality, _ = evaluate_target(out / target, target, section, name, template, held)
+                report[name]["targets"][target] = {"evaluated": True, **quality}
+    return report
+
+
 def build(export_dir: Path, finetune_dir: Path, section: EvaluateSection, export: ExportSection,
-          out: Path, provenance: dict) -> dict:
+          out: Path, provenance: dict, extra: dict[str, tuple[Path, Path]] | None = None) -> dict:
     from tasks.export import NO_GPU, target_runs_here
 
     copy_package(export_dir, out)
     name = export.adapter_name
-    template = json.loads((finetune_dir / "metrics.json").read_text(encoding="utf-8"))["template"]
-    held = [json.loads(l) for l in (finetune_dir / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    template, held = _heldout(finetune_dir)
 
     report: dict = {"adapter": name, "heldout_records": len(held), "targets": {}}
     speed: dict = {"max_new_tokens": section.max_new_tokens, "decode_tokens_per_s": {}}
@@ -111,16 +133,29 @@ def build(export_dir: Path, finetune_dir: Path, section: EvaluateSection, export
         report["targets"][target] = {"evaluated": True, **quality}
         speed["decode_tokens_per_s"][target] = tokens_per_s
         log.info("%s: decode speed (tokens/s): %s", target, tokens_per_s)
+    if extra:
+        report["extra_adapters"] = add_extra_adapters(out, extra, section, export)
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "speed.json").write_text(json.dumps(speed, indent=2) + "\n")
     (out / "report.md").write_text(render_summary(report), encoding="utf-8")
     (out / "README.md").write_text(render_model_card(report, provenance, export), encoding="utf-8")
-    return {target: {"loss": r["loss"], "max_logit_shift_from_adapter": r["max_logit_shift_from_adapter"]}
-            for target, r in report["targets"].items() if r["evaluated"]}
+    facts = {target: {"loss": r["loss"], "max_logit_shift_from_adapter": r["max_logit_shift_from_adapter"]}
+             for target, r in report["targets"].items() if r["evaluated"]}
+    for other, result in report.get("extra_adapters", {}).items():
+        facts[f"adapter {other}"] = {target: r["loss"] for target, r in result["targets"].items()}
+    return facts
 
 
 def render_summary(report: dict) -> str:
     lines = ["# Evaluation summary", "", f"Held-out records: {report['heldout_records']}; adapter `{report['adapter']}`.", ""]
+    for other, result in report.get("extra_adapters", {}).items():
+        for target, quality in result["targets"].items():
+            loss = quality["loss"]
+            lines.append(f"Adapter `{other}` ({target}, its own {result['heldout_records']} held-out records): loss "
+                         f"{loss['without_adapter']['loss']} without, {loss['with_adapter']['loss']} with; largest logit "
+                         f"change {quality['max_logit_shift_from_adapter']}.")
+    if report.get("extra_adapters"):
+        lines.append("")
     for target, quality in report["targets"].items():
         lines += [f"## {target}", ""]
         if not quality["evaluated"]:
@@ -165,6 +200,9 @@ def render_model_card(report: dict, provenance: dict, export: ExportSection) -> 
                          f"{loss['with_adapter']['loss']} with it.")
         else:
             lines.append(f"- {target}: not evaluated ({quality['reason']}).")
+    for other in report.get("extra_adapters", {}):
+        lines.append(f"- Adapter `{other}` (`{other}{ADAPTER_SUFFIX}`): the same LoRA settings, trained on its own "
+                     "dataset; load it beside the others and switch by name (report.md).")
     lines += [
         "", "## Use", "", "```python", "import onnxruntime_genai as og",
         f"model = og.Model('{first}')", "tokenizer = og.Tokenizer(model)", "adapters = og.Adapters(model)",

@@ -74,19 +74,15 @@ def node_targets(module: str, n_out: int) -> list[tuple[str, slice]]:
     return [(f"{group}/{module}", slice(0, n_out))]
 
 
-def graft_lora(model_path: Path, adapter_dir: Path, out_model: Path) -> dict[str, "object"]:
-    """Rewrite the graph with LoRA branches; return the adapter parameters keyed by graph input name."""
+def _lora_sites(graph, adapter_dir: Path):
+    """For every LoRA-targeted MatMulNBits of the graph: (node, param name prefix, A name, B name, dtype,
+    A param, B param), with A = lora_A.T and B = (alpha/r) lora_B.T in the node's activation dtype."""
     import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto
 
-    model = onnx.load(str(model_path))
-    graph = model.graph
     nodes = {n.name: n for n in graph.node}
     scales_dtype = {i.name: i.data_type for i in graph.initializer if i.name.endswith(".scales")}
     pairs, scale = lora_tensors(adapter_dir)
-    params: dict[str, object] = {}
-    branches: dict[str, list] = {}  # base node name -> LoRA nodes to place right after it
     for (layer, module), ab in sorted(pairs.items()):
         a, b = ab["A"].astype(np.float32), ab["B"].astype(np.float32)
         grafted = 0
@@ -97,30 +93,43 @@ def graft_lora(model_path: Path, adapter_dir: Path, out_model: Path) -> dict[str
             dtype = scales_dtype[node.input[2]]
             np_dtype = np.float16 if dtype == TensorProto.FLOAT16 else np.float32
             base = f"model.layers.{layer}.{path.replace('/', '.')}"
-            a_name, b_name = f"{base}.lora_A", f"{base}.lora_B"
-            k, n = a.shape[1], rows.stop - rows.start
-            params[a_name] = np.ascontiguousarray(a.T).astype(np_dtype)
-            params[b_name] = np.ascontiguousarray((b[rows] * scale).T).astype(np_dtype)
-            # Graph inputs with a rank-1 zero default: no adapter active == base model exactly.
-            graph.input.extend([
-                helper.make_tensor_value_info(a_name, dtype, [k, "lora_rank"]),
-                helper.make_tensor_value_info(b_name, dtype, ["lora_rank", n]),
-            ])
-            graph.initializer.extend([
-                numpy_helper.from_array(np.zeros((k, 1), np_dtype), a_name),
-                numpy_helper.from_array(np.zeros((1, n), np_dtype), b_name),
-            ])
-            y = node.output[0]
-            node.output[0] = f"{y}/base"
-            branches[node.name] = [
-                helper.make_node("MatMul", [node.input[0], a_name], [f"{base}/lora_A/output_0"], name=f"{base}/lora_A/MatMul"),
-                helper.make_node("MatMul", [f"{base}/lora_A/output_0", b_name], [f"{base}/lora_B/output_0"], name=f"{base}/lora_B/MatMul"),
-                helper.make_node("Add", [f"{y}/base", f"{base}/lora_B/output_0"], [y], name=f"{base}/lora/Add"),
-            ]
+            yield (node, base, f"{base}.lora_A", f"{base}.lora_B", dtype,
+                   np.ascontiguousarray(a.T).astype(np_dtype), np.ascontiguousarray((b[rows] * scale).T).astype(np_dtype))
             grafted += 1
         if not grafted:
             raise PipelineError(f"no MatMulNBits node for layers.{layer}.{module} in the exported graph; "
                                 "the builder's node names changed: check onnxruntime-genai's version against the lock")
+
+
+def graft_lora(model_path: Path, adapter_dir: Path, out_model: Path) -> dict[str, "object"]:
+    """Rewrite the graph with LoRA branches; return the adapter parameters keyed by graph input name."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    params: dict[str, object] = {}
+    branches: dict[str, list] = {}  # base node name -> LoRA nodes to place right after it
+    for node, base, a_name, b_name, dtype, a_param, b_param in list(_lora_sites(graph, adapter_dir)):
+        params[a_name], params[b_name] = a_param, b_param
+        k, n = a_param.shape[0], b_param.shape[1]
+        # Graph inputs with a rank-1 zero default: no adapter active == base model exactly.
+        graph.input.extend([
+            helper.make_tensor_value_info(a_name, dtype, [k, "lora_rank"]),
+            helper.make_tensor_value_info(b_name, dtype, ["lora_rank", n]),
+        ])
+        graph.initializer.extend([
+            numpy_helper.from_array(np.zeros((k, 1), a_param.dtype), a_name),
+            numpy_helper.from_array(np.zeros((1, n), a_param.dtype), b_name),
+        ])
+        y = node.output[0]
+        node.output[0] = f"{y}/base"
+        branches[node.name] = [
+            helper.make_node("MatMul", [node.input[0], a_name], [f"{base}/lora_A/output_0"], name=f"{base}/lora_A/MatMul"),
+            helper.make_node("MatMul", [f"{base}/lora_A/output_0", b_name], [f"{base}/lora_B/output_0"], name=f"{base}/lora_B/MatMul"),
+            helper.make_node("Add", [f"{y}/base", f"{base}/lora_B/output_0"], [y], name=f"{base}/lora/Add"),
+        ]
     # ONNX wants nodes in topological order: each branch goes right after the node it extends,
     # before any consumer of that node's (renamed) output.
     ordered = []
@@ -158,7 +167,7 @@ def target_runs_here(target: str) -> bool:
 
 
 def check_logits(package: Path, awq_dir: Path, adapter_dir: Path, adapter_file: Path, prompts: list[str],
-                 section: ExportSection, target: str) -> dict:
+                 section: ExportSection, target: str, name: str | None = None) -> dict:
     """Max |d| and min cosine of last-token logits, ONNX vs the AWQ checkpoint (float twin)."""
     import numpy as np
     import torch
@@ -170,10 +179,11 @@ def check_logits(package: Path, awq_dir: Path, adapter_dir: Path, adapter_file: 
 
     tokenizer = AutoTokenizer.from_pretrained(awq_dir)
     twin = load_float_twin(awq_dir)
-    model, adapters = open_model(package, target, {section.adapter_name: adapter_file})
+    name = name or section.adapter_name
+    model, adapters = open_model(package, target, {name: adapter_file})
     max_abs_bound, min_cos_bound = section.bounds(target)
     results = {}
-    for label, adapter in (("base", None), ("adapter", section.adapter_name)):
+    for label, adapter in (("base", None), ("adapter", name)):
         if adapter:
             twin = PeftModel.from_pretrained(twin, str(adapter_dir)).eval()
         worst_abs, worst_cos, same_argmax = 0.0, 1.0, 0
@@ -219,12 +229,49 @@ def export_target(awq_dir: Path, finetune_dir: Path, section: ExportSection, tar
     return {"checked": True, **check_logits(out, awq_dir, finetune_dir / "adapter", adapter_file, prompts, section, target)}
 
 
-def build(awq_dir: Path, finetune_dir: Path, section: ExportSection, out: Path, scratch: Path) -> dict:
+def check_prompts(finetune_dir: Path, count: int) -> list[str]:
+    """The first held-out prompts of a finetune, as the model sees them at inference."""
     from tasks.data import prompt_part
 
     metrics = json.loads((finetune_dir / "metrics.json").read_text(encoding="utf-8"))
     held = [json.loads(line) for line in (finetune_dir / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
-    prompts = [prompt_part(metrics["template"], r["prompt"]) for r in held[: section.check_prompts]]
+    return [prompt_part(metrics["template"], r["prompt"]) for r in held[:count]]
+
+
+def build_adapter(export_dir: Path, awq_dir: Path, finetune_dir: Path, section: ExportSection, name: str,
+                  out: Path) -> dict:
+    """An extra adapter's ``<target>/<name>.onnx_adapter`` for the exported base (whose LoRA inputs
+    the primary adapter's modules defined), logits checked like the export's own adapter."""
+    import onnx
+
+    prompts = check_prompts(finetune_dir, section.check_prompts)
+    checks = {}
+    for target in section.targets:
+        model_path = export_dir / target / "model.onnx"
+        graph = onnx.load(str(model_path), load_external_data=False).graph
+        params = {}
+        for _, _, a_name, b_name, _, a_param, b_param in _lora_sites(graph, finetune_dir / "adapter"):
+            params[a_name], params[b_name] = a_param, b_param
+        missing = sorted(set(params) - {i.name for i in graph.input})
+        if missing:
+            raise PipelineError(f"adapter {name} trains modules the exported base has no LoRA inputs for ({missing[0]}, ...); "
+                                "all adapters share [finetune] target_modules: rebuild export after changing them")
+        adapter_file = out / target / f"{name}{ADAPTER_SUFFIX}"
+        adapter_file.parent.mkdir(parents=True, exist_ok=True)
+        log.info("writing %s/%s%s for the exported %s base", target, name, ADAPTER_SUFFIX, target)
+        write_adapter(params, adapter_file)
+        if not target_runs_here(target):
+            log.warning("%s adapter %s NOT checked: this host has no CUDA GPU", target, name)
+            checks[target] = {"checked": False, "reason": NO_GPU}
+            continue
+        checks[target] = {"checked": True, **check_logits(export_dir / target, awq_dir, finetune_dir / "adapter",
+                                                          adapter_file, prompts, section, target, name)}
+    (out / "adapter_check.json").write_text(json.dumps(checks, indent=2) + "\n")
+    return {"logit_check": checks}
+
+
+def build(awq_dir: Path, finetune_dir: Path, section: ExportSection, out: Path, scratch: Path) -> dict:
+    prompts = check_prompts(finetune_dir, section.check_prompts)
     checks = {}
     for target in section.targets:
         checks[target] = export_target(awq_dir, finetune_dir, section, target, out / target, scratch, prompts)

@@ -30,9 +30,9 @@ def lock_dir() -> Path:
 
 def uses_gpu(stage: str, cfg: PipelineConfig) -> bool:
     """quantize and finetune compute on build.device; export and evaluate run the cuda target's model."""
-    if stage in ("quantize", "finetune"):
+    if stage in ("quantize", "finetune") or stage.startswith("finetune_"):
         return cfg.build.device == "cuda"
-    if stage in ("export", "evaluate"):
+    if stage in ("export", "evaluate") or stage.startswith("adapter_"):
         return "cuda" in cfg.export.targets
     return False
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, adapter_data
 from tasks.data import load_dataset
 from tasks.errors import PipelineError
 from tasks.paths import Paths
@@ -12,6 +12,10 @@ def preflight(cfg: PipelineConfig, paths: Paths) -> None:
     """Raise PipelineError naming the first problem; return quietly when everything is usable."""
     load_dataset(paths.check_input("data.path", cfg.data.path), cfg.data.template, cfg.data.eval_fraction,
                  cfg.data.split_seed)
+    for name in sorted(cfg.adapters):
+        spec = adapter_data(cfg, name)
+        load_dataset(paths.check_input(f"adapters.{name}.path", spec.path), spec.template, spec.eval_fraction,
+                     spec.split_seed)
     named = {"quantize.calibration": cfg.quantize.calibration}
     if not cfg.model.hub_source:
         named["model.tiny.tokenizer_corpus"] = cfg.model.tiny.tokenizer_corpus

@@ -20,7 +20,7 @@ from tasks.gpu_slots import gpu_slot, uses_gpu
 from tasks.paths import Paths
 from tasks.provenance import record_environment
 from tasks.run_cache import RunCache, cache_key
-from tasks.stages import BY_NAME, config_values, upstream_closure
+from tasks.stages import ADAPTER_PREFIX, FINETUNE_PREFIX, config_values, stages_for, upstream_closure
 
 log = logging.getLogger("tasks")
 
@@ -87,6 +87,19 @@ def _call_stage(name: str, cfg: PipelineConfig, paths: Paths, out: Path) -> dict
         from tasks import finetune
         return finetune.build(paths.stage("quantize"), cfg.data, cfg.finetune, paths.data(cfg.data.path),
                               cfg.build.device, out)
+    if name.startswith(FINETUNE_PREFIX):
+        from tasks import finetune
+        from tasks.config import adapter_data
+
+        adapter = name.removeprefix(FINETUNE_PREFIX)
+        return finetune.build(paths.stage("quantize"), adapter_data(cfg, adapter), cfg.finetune,
+                              paths.data(cfg.adapters[adapter].path), cfg.build.device, out)
+    if name.startswith(ADAPTER_PREFIX):
+        from tasks import export
+
+        adapter = name.removeprefix(ADAPTER_PREFIX)
+        return export.build_adapter(paths.stage("export"), paths.stage("quantize"),
+                                    paths.stage(FINETUNE_PREFIX + adapter), cfg.export, adapter, out)
     if name == "export":
         from tasks import export
         scratch = paths.scratch(name)
@@ -98,16 +111,19 @@ def _call_stage(name: str, cfg: PipelineConfig, paths: Paths, out: Path) -> dict
     if name == "evaluate":
         from tasks import evaluate
         provenance = {up: {**read_manifest(paths.stage(up)), "manifest_sha256": manifest_digest(paths.stage(up))}
-                      for up in upstream_closure(name)}
+                      for up in upstream_closure(name, stages_for(cfg))}
+        extra = {adapter: (paths.stage(ADAPTER_PREFIX + adapter), paths.stage(FINETUNE_PREFIX + adapter))
+                 for adapter in sorted(cfg.adapters)}
         return evaluate.build(paths.stage("export"), paths.stage("finetune"), cfg.evaluate, cfg.export,
-                              out, provenance)
+                              out, provenance, extra)
     raise AssertionError(f"stage {name} is in tasks.stages but has no entry point here")
 
 
 def run_stage(name: str, cfg: PipelineConfig, paths: Paths) -> Path:
-    stage = BY_NAME.get(name)
+    by_name = {s.name: s for s in stages_for(cfg)}
+    stage = by_name.get(name)
     if stage is None:
-        raise PipelineError(f"unknown stage {name!r}; choose one of: {', '.join(BY_NAME)}")
+        raise PipelineError(f"unknown stage {name!r}; choose one of: {', '.join(by_name)}")
     quiet_environment()
     for up in stage.upstream:
         if not paths.manifest(up).is_file():

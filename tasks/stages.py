@@ -51,6 +51,32 @@ STAGES: tuple[Stage, ...] = (
           ("tasks/evaluate.py", "tasks/genai.py", "tasks/data.py")),
 )
 BY_NAME = {s.name: s for s in STAGES}
+FINETUNE_PREFIX, ADAPTER_PREFIX = "finetune_", "adapter_"
+
+
+def adapter_stages(name: str) -> tuple[Stage, Stage]:
+    """The two stages of an extra adapter (config ``[adapters.<name>]``): its finetune on its own
+    dataset, and its .onnx_adapter for the already exported base (no second export of the base)."""
+    key = f"adapters.{name}"
+    return (
+        Stage(f"{FINETUNE_PREFIX}{name}", f"LoRA '{name}' on its own dataset, against the same 4-bit weights",
+              ("quantize",), ("data.template", "data.eval_fraction", "data.split_seed", "finetune", "build.device", key),
+              BY_NAME["finetune"].code, lambda cfg: [cfg.adapters[name].path]),
+        Stage(f"{ADAPTER_PREFIX}{name}", f"'{name}'.onnx_adapter for the exported base, logits checked",
+              ("export", f"{FINETUNE_PREFIX}{name}"), ("export",), BY_NAME["export"].code),
+    )
+
+
+def stages_for(cfg: PipelineConfig) -> tuple[Stage, ...]:
+    """The graph of this config: the core stages, two per extra adapter, and the package (evaluate)
+    depending on every adapter."""
+    extra = [stage for name in sorted(cfg.adapters) for stage in adapter_stages(name)]
+    if not extra:
+        return STAGES
+    package = BY_NAME["evaluate"]
+    package = Stage(package.name, package.doc, package.upstream + tuple(s.name for s in extra),
+                    package.keys + ("adapters",), package.code, package.files)
+    return STAGES[:-1] + tuple(extra) + (package,)
 
 
 def config_values(cfg: PipelineConfig, keys: tuple[str, ...]) -> dict:
@@ -69,11 +95,12 @@ def config_fingerprint(cfg: PipelineConfig, stage: Stage) -> str:
     return json.dumps(config_values(cfg, stage.keys), sort_keys=True)
 
 
-def upstream_closure(name: str) -> list[str]:
+def upstream_closure(name: str, stages: tuple[Stage, ...] = STAGES) -> list[str]:
     """All stages ``name`` depends on, nearest last, without duplicates."""
+    by_name = {s.name: s for s in stages}
     seen: list[str] = []
-    for up in BY_NAME[name].upstream:
-        for dep in upstream_closure(up) + [up]:
+    for up in by_name[name].upstream:
+        for dep in upstream_closure(up, stages) + [up]:
             if dep not in seen:
                 seen.append(dep)
     return seen

@@ -14,7 +14,7 @@ import logging
 from tasks.errors import PipelineError
 from tasks.manifest import MANIFEST, file_table
 from tasks.paths import Paths
-from tasks.stages import STAGES, upstream_closure
+from tasks.stages import STAGES, Stage, upstream_closure
 
 log = logging.getLogger("tasks.verify")
 
@@ -26,10 +26,10 @@ def differences(listed: dict, actual: dict) -> list[str]:
     return problems
 
 
-def find_damage(paths: Paths) -> dict[str, list[str]]:
+def find_damage(paths: Paths, stages: tuple[Stage, ...] = STAGES) -> dict[str, list[str]]:
     """{stage: problems} for every published stage whose files differ from its manifest (read only)."""
     damaged: dict[str, list[str]] = {}
-    for stage in STAGES:
+    for stage in stages:
         folder = paths.stage(stage.name)
         if not (folder / MANIFEST).is_file():
             continue
@@ -40,10 +40,10 @@ def find_damage(paths: Paths) -> dict[str, list[str]]:
     return damaged
 
 
-def verify(paths: Paths) -> dict[str, list[str]]:
+def verify(paths: Paths, stages: tuple[Stage, ...] = STAGES) -> dict[str, list[str]]:
     """{stage: problems} for every damaged stage; damaged stages and their dependents are made stale."""
-    damaged = find_damage(paths)
-    stale = [s.name for s in STAGES if s.name in damaged or set(upstream_closure(s.name)) & damaged.keys()]
+    damaged = find_damage(paths, stages)
+    stale = [s.name for s in stages if s.name in damaged or set(upstream_closure(s.name, stages)) & damaged.keys()]
     for name in stale:
         (paths.manifest(name)).unlink(missing_ok=True)
     for name, problems in damaged.items():
