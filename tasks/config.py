@@ -171,6 +171,16 @@ class FinetuneSection(Section):
     max_seq_len: int = Field(256, ge=16)
     seed: int = 0
     eval_every: int = Field(25, ge=1)
+    processes: int = Field(1, ge=1, le=64)
+    """Data-parallel training processes (torch.distributed: gloo on cpu, NCCL on cuda with one GPU each);
+    the global batch stays batch_size, split across them."""
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> "FinetuneSection":
+        if self.processes > self.batch_size:
+            raise ValueError(f"finetune.processes ({self.processes}) exceeds finetune.batch_size ({self.batch_size}): "
+                             "every process needs at least one record per step")
+        return self
 
     @field_validator("target_modules")
     @classmethod

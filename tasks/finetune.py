@@ -11,6 +11,7 @@ split that evaluate and export reuse. Output: ``adapter/`` (peft format), ``held
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -66,6 +67,19 @@ def mean_loss(model, examples, pad_id: int, device: str, batch_size: int) -> flo
     return total / max(count, 1)
 
 
+def _shard_loss(model, examples, rank: int, world: int, pad_id: int, device: str):
+    """This rank's part of the global batch's mean response-token loss (the parts sum to it)."""
+    import torch
+
+    mine = examples[rank::world]
+    batch = {k: v.to(device) for k, v in collate(mine, pad_id).items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
+    summed = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                               shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+    return summed / max(_response_tokens(examples), 1)
+
+
 def _normalise_adapter_config(path: Path) -> None:
     """peft stores target_modules as a set, so its JSON order follows string hashing, which changes
     from process to process: sort it so that the same training writes the same bytes."""
@@ -76,6 +90,24 @@ def _normalise_adapter_config(path: Path) -> None:
 
 
 def build(awq_dir: Path, data: DataSection, section: FinetuneSection, dataset: Path, device: str, out: Path) -> dict:
+    if section.processes > 1:
+        from tasks.finetune_ddp import train_distributed
+
+        return train_distributed(awq_dir, data, section, dataset, device, out)
+    return train(awq_dir, data, section, dataset, device, out)
+
+
+def _response_tokens(examples) -> int:
+    """Tokens the loss counts in a batch (labels after the one-token shift that are not masked)."""
+    return sum(sum(1 for label in labels[1:] if label != -100) for _, labels in examples)
+
+
+def train(awq_dir: Path, data: DataSection, section: FinetuneSection, dataset: Path, device: str,
+          out: Path | None, rank: int = 0, world: int = 1) -> dict:
+    """The LoRA training loop. With world > 1 (torch.distributed initialised by the caller) every rank
+    takes its share of each global batch, the loss is the summed response-token loss over the global
+    token count, and gradients are summed across ranks: the same objective as one process. Rank 0
+    evaluates, logs and writes ``out``; the others pass out=None."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
@@ -83,6 +115,9 @@ def build(awq_dir: Path, data: DataSection, section: FinetuneSection, dataset: P
     from tasks.quantize import select_device
 
     select_device(device)
+    lead = rank == 0
+    if world > 1 and device == "cuda":
+        device = f"cuda:{rank}"
     train, held = load_dataset(dataset, data.template, data.eval_fraction, data.split_seed)
     log.info("dataset %s: %d train / %d held-out records", dataset, len(train), len(held))
     torch.manual_seed(section.seed)
@@ -111,31 +146,45 @@ def build(awq_dir: Path, data: DataSection, section: FinetuneSection, dataset: P
     history: dict[str, list] = {"train": [], "eval": []}
 
     model.eval()
-    eval_loss = mean_loss(model, held_ex, pad_id, device, section.batch_size)
+    eval_loss = mean_loss(model, held_ex, pad_id, device, section.batch_size) if lead else float("nan")
     history["eval"].append([0, round(eval_loss, 6)])
-    log.info("step 0: held-out loss %.4f", eval_loss)
+    if lead:
+        log.info("step 0: held-out loss %.4f%s", eval_loss, f" ({world} processes)" if world > 1 else "")
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
     perm: list[int] = []
-    with step_progress("finetune", section.max_steps) as advance:
+    with step_progress("finetune", section.max_steps) if lead else contextlib.nullcontext(lambda _: None) as advance:
         for step in range(1, section.max_steps + 1):
             model.train()
             if len(perm) < section.batch_size:
                 perm += torch.randperm(len(train_ex), generator=order).tolist()
             picked, perm = perm[: section.batch_size], perm[section.batch_size:]
-            batch = {k: v.to(device) for k, v in collate([train_ex[i] for i in picked], pad_id).items()}
-            loss = model(**batch).loss
+            if world == 1:
+                batch = {k: v.to(device) for k, v in collate([train_ex[i] for i in picked], pad_id).items()}
+                loss = model(**batch).loss
+            else:
+                loss = _shard_loss(model, [train_ex[i] for i in picked], rank, world, pad_id, device)
+            loss.backward()
+            if world > 1:
+                import torch.distributed as dist
+
+                for param in trainable_params:
+                    dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+                loss = loss.detach().clone()
+                dist.all_reduce(loss, op=dist.ReduceOp.SUM)  # the global batch's mean loss, for the log
             if not math.isfinite(loss.item()):
                 raise RuntimeError(f"training loss became {loss.item()} at step {step}; lower finetune.learning_rate")
-            loss.backward()
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             history["train"].append([step, round(loss.item(), 6)])
-            if step % section.eval_every == 0 or step == section.max_steps:
+            if lead and (step % section.eval_every == 0 or step == section.max_steps):
                 model.eval()
                 eval_loss = mean_loss(model, held_ex, pad_id, device, section.batch_size)
                 history["eval"].append([step, round(eval_loss, 6)])
                 log.info("step %d: train loss %.4f, held-out loss %.4f", step, loss.item(), eval_loss)
             advance(f"loss {loss.item():.3f}")
+    if not lead or out is None:
+        return {}
 
     # save_embedding_layers=False: "auto" makes peft look the base model up on the Hub (a network
     # call from an offline build) only to learn whether embeddings changed; LoRA never touches them.
