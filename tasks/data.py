@@ -101,3 +101,11 @@ def load_dataset(path: Path, template: str, eval_fraction: float, seed: int) -> 
     records = load_records(path)
     check_template(template, path, records)
     return split(records, eval_fraction, seed)
+
+
+def read_heldout(finetune_dir: Path) -> tuple[str, list[dict]]:
+    """The template a finetune trained with and its held-out records (metrics.json, heldout.jsonl),
+    which export checks logits on and evaluate scores."""
+    template = json.loads((finetune_dir / "metrics.json").read_text(encoding="utf-8"))["template"]
+    held = [json.loads(line) for line in (finetune_dir / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    return template, held

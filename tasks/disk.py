@@ -16,6 +16,7 @@ from pathlib import Path
 from tasks.config import PipelineConfig
 from tasks.errors import PipelineError
 from tasks.paths import Paths
+from tasks.stages import ADAPTER_PREFIX, FINETUNE_PREFIX
 
 MB = 1 << 20
 SLACK = 64 * MB  # logs, manifests, tokenizer files, builder caches
@@ -43,9 +44,9 @@ def estimated_need(name: str, cfg: PipelineConfig, paths: Paths) -> int | None:
         return None if cfg.model.hub_source else random_model_bytes(cfg) + SLACK
     if name == "quantize":
         return _published_bytes(paths.stage("base")) + SLACK  # int4 + fp16 embeddings < the bf16 base
-    if name == "finetune" or name.startswith("finetune_"):
+    if name == "finetune" or name.startswith(FINETUNE_PREFIX):
         return SLACK
-    if name.startswith("adapter_"):
+    if name.startswith(ADAPTER_PREFIX):
         return len(cfg.export.targets) * SLACK  # one adapter file per target
     if name == "export":
         # Per target: the builder's model in scratch, then the grafted copy; each <= the AWQ folder + rope caches.

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from tasks.config import EvaluateSection, ExportSection
-from tasks.data import Record, prompt_part, render
+from tasks.data import Record, prompt_part, read_heldout, render
 from tasks.errors import PipelineError
 from tasks.export import ADAPTER_SUFFIX
 from tasks.manifest import link_tree
@@ -91,12 +91,6 @@ def evaluate_target(folder: Path, target: str, section: EvaluateSection, name: s
     return quality, {k: round(sum(v) / len(v), 1) for k, v in speed.items()}
 
 
-def _heldout(finetune_dir: Path) -> tuple[str, list[dict]]:
-    template = json.loads((finetune_dir / "metrics.json").read_text(encoding="utf-8"))["template"]
-    held = [json.loads(line) for line in (finetune_dir / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
-    return template, held
-
-
 def add_extra_adapters(out: Path, extra: dict[str, tuple[Path, Path]], section: EvaluateSection,
                        export: ExportSection) -> dict:
     """Link each extra adapter's files beside the base and evaluate it by name, on its own held-out set."""
@@ -105,7 +99,7 @@ def add_extra_adapters(out: Path, extra: dict[str, tuple[Path, Path]], section: 
     report: dict = {}
     for name, (adapter_dir, finetune_dir) in sorted(extra.items()):
         link_tree(adapter_dir, out, exclude=("MANIFEST.json", "adapter_check.json"))
-        template, held = _heldout(finetune_dir)
+        template, held = read_heldout(finetune_dir)
         report[name] = {"heldout_records": len(held), "targets": {}}
         for target in export.targets:
             if target_runs_here(target):
@@ -120,7 +114,7 @@ def build(export_dir: Path, finetune_dir: Path, section: EvaluateSection, export
 
     copy_package(export_dir, out)
     name = export.adapter_name
-    template, held = _heldout(finetune_dir)
+    template, held = read_heldout(finetune_dir)
 
     report: dict = {"adapter": name, "heldout_records": len(held), "targets": {}}
     speed: dict = {"max_new_tokens": section.max_new_tokens, "decode_tokens_per_s": {}}

@@ -231,11 +231,10 @@ def export_target(awq_dir: Path, finetune_dir: Path, section: ExportSection, tar
 
 def check_prompts(finetune_dir: Path, count: int) -> list[str]:
     """The first held-out prompts of a finetune, as the model sees them at inference."""
-    from tasks.data import prompt_part
+    from tasks.data import prompt_part, read_heldout
 
-    metrics = json.loads((finetune_dir / "metrics.json").read_text(encoding="utf-8"))
-    held = [json.loads(line) for line in (finetune_dir / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
-    return [prompt_part(metrics["template"], r["prompt"]) for r in held[:count]]
+    template, held = read_heldout(finetune_dir)
+    return [prompt_part(template, r["prompt"]) for r in held[:count]]
 
 
 def build_adapter(export_dir: Path, awq_dir: Path, finetune_dir: Path, section: ExportSection, name: str,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tasks.config import PipelineConfig
+from tasks.stages import ADAPTER_PREFIX, FINETUNE_PREFIX
 
 log = logging.getLogger("tasks.gpu")
 
@@ -30,9 +31,9 @@ def lock_dir() -> Path:
 
 def uses_gpu(stage: str, cfg: PipelineConfig) -> bool:
     """quantize and finetune compute on build.device; export and evaluate run the cuda target's model."""
-    if stage in ("quantize", "finetune") or stage.startswith("finetune_"):
+    if stage in ("quantize", "finetune") or stage.startswith(FINETUNE_PREFIX):
         return cfg.build.device == "cuda"
-    if stage in ("export", "evaluate") or stage.startswith("adapter_"):
+    if stage in ("export", "evaluate") or stage.startswith(ADAPTER_PREFIX):
         return "cuda" in cfg.export.targets
     return False
 

@@ -88,6 +88,14 @@ def _one_line(exc: BaseException) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
+def reported(prefix: str, what: str, errors: tuple[type[BaseException], ...], fn, *args, **kwargs):
+    """fn(*args, **kwargs), with a client library's own failures turned into one PipelineError line."""
+    try:
+        return fn(*args, **kwargs)
+    except errors as exc:
+        raise PipelineError(f"{prefix}: {what} failed: {_one_line(exc)}") from None
+
+
 # --- MLflow ------------------------------------------------------------------------------------
 
 
@@ -119,10 +127,7 @@ class MlflowModelRegistry:
         from mlflow.exceptions import MlflowException
         from requests.exceptions import RequestException
 
-        try:
-            return fn(*args, **kwargs)
-        except (MlflowException, RequestException, OSError) as exc:
-            raise PipelineError(f"MLflow at {self.uri}: {what} failed: {_one_line(exc)}") from None
+        return reported(f"MLflow at {self.uri}", what, (MlflowException, RequestException, OSError), fn, *args, **kwargs)
 
     def _search(self, extra: str = "") -> list:
         query = f"name = '{self.name}'" + (f" and {extra}" if extra else "")
@@ -245,10 +250,7 @@ class AzureMLModelRegistry:
         from azure.core.exceptions import AzureError
         from azure.identity import CredentialUnavailableError
 
-        try:
-            return fn(*args, **kwargs)
-        except (AzureError, CredentialUnavailableError, OSError) as exc:
-            raise PipelineError(f"{self.where}: {what} failed: {_one_line(exc)}") from None
+        return reported(self.where, what, (AzureError, CredentialUnavailableError, OSError), fn, *args, **kwargs)
 
     def _all(self) -> list:
         from azure.core.exceptions import ResourceNotFoundError
@@ -322,10 +324,7 @@ class HfHubRegistry:
         from huggingface_hub.errors import HfHubHTTPError
         from requests.exceptions import RequestException
 
-        try:
-            return fn(*args, **kwargs)
-        except (HfHubHTTPError, RequestException, OSError, ValueError) as exc:
-            raise PipelineError(f"{self.where}: {what} failed: {_one_line(exc)}") from None
+        return reported(self.where, what, (HfHubHTTPError, RequestException, OSError, ValueError), fn, *args, **kwargs)
 
     def _tags(self) -> list[str]:
         from huggingface_hub.errors import RepositoryNotFoundError
