@@ -91,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
 
             preflight(cfg, paths)
             return 0
+        if cfg.executor.kind == "ray":
+            from tasks import ray_executor
+
+            if not ray_executor.on_node():  # this process is doit's action: hand the stage to the cluster
+                stage_argv = ["-m", "tasks", "stage", args.name, "--config", args.config, "--root", args.root]
+                stage_argv += [a for kv in args.set for a in ("--set", kv)]
+                ray_executor.dispatch(args.name, cfg, paths, stage_argv)
+                return 0
         from tasks.runner import run_stage
 
         run_stage(args.name, cfg, paths)

@@ -310,6 +310,36 @@ class PublishSection(Section):
         return self
 
 
+class ExecutorSection(Section):
+    """Where stale stages run. doit decides what is stale either way; no stage reads this section, so
+    switching executors never makes a stage stale."""
+
+    kind: Literal["local", "ray"] = "local"
+    """local: each stage runs in a process on this machine. ray: each stale stage is a Ray task on the
+    cluster at `address` (tasks/ray_executor.py; README "Scaling out")."""
+    address: str | None = None
+    """The Ray head, host:port (as printed by `ray start --head`). Required for kind = "ray"."""
+    parallel: int = Field(4, ge=1, le=256)
+    """With kind = "ray": how many stale stages doit hands to the cluster at once (its -n)."""
+    cpus_per_stage: float = Field(1, gt=0)
+    """Ray num_cpus of a stage that computes on the CPU (a multi-process finetune asks for one per process)."""
+    memory_gb: float | None = Field(None, gt=0)
+    """Ray memory reservation per stage, if the cluster should not pack stages past its RAM."""
+    retries: int = Field(0, ge=0, le=10)
+    """Ray max_retries of a stage whose worker or node died (0: the build stops and says which node)."""
+    head_timeout_s: float = Field(30, gt=0)
+    """How long the head may stay unreachable while a stage runs before the build stops and says so."""
+    placement: dict[str, dict[str, float]] = {}
+    """Extra Ray resources per stage name, e.g. {finetune = {gpu_node_a = 1}}: pins a stage to the
+    nodes started with that custom resource."""
+
+    @model_validator(mode="after")
+    def _ray_needs_address(self) -> "ExecutorSection":
+        if self.kind == "ray" and not self.address:
+            raise ValueError('kind = "ray" needs address = "HOST:PORT" of the Ray head (see `ray start --head`)')
+        return self
+
+
 class PipelineConfig(Section):
     build: BuildSection = BuildSection()
     model: ModelSection = ModelSection()
@@ -320,6 +350,7 @@ class PipelineConfig(Section):
     evaluate: EvaluateSection = EvaluateSection()
     publish: PublishSection = PublishSection()
     cache: CacheSection = CacheSection()
+    executor: ExecutorSection = ExecutorSection()
     adapters: dict[str, AdapterData] = {}
     """Adapters beyond [data] (named export.adapter_name): {name: dataset}. One base, one package, one
     .onnx_adapter per name; adding one trains and exports only that one."""

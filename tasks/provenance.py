@@ -20,6 +20,8 @@ from tasks.paths import Paths
 
 # Set by `python -m tasks.image run` (and so by `doit incontainer`) inside the container.
 IMAGE_ID_ENV = "PIPELINE_IMAGE_ID"
+# Set by the Ray executor's task for the stage process it starts on a node (tasks/ray_executor.py).
+NODE_ENV = "PIPELINE_RAY_NODE"
 
 
 def lock_variant() -> str:
@@ -47,7 +49,14 @@ def environment_record(root: Path, manifest_sha256: str) -> dict:
         "image_id": os.environ.get(IMAGE_ID_ENV) or None,
         "python": platform.python_version(),
         "platform": f"{sys.platform}-{platform.machine()}",
+        "node": _node(),
     }
+
+
+def _node() -> dict:
+    """The machine that built the stage: the Ray node (executor.kind = "ray") or this host."""
+    raw = os.environ.get(NODE_ENV)
+    return json.loads(raw) if raw else {"hostname": platform.node()}
 
 
 def record_environment(paths: Paths, stage: str, manifest_sha256: str, restored_from: str | None = None) -> Path:

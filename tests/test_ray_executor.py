@@ -1,0 +1,180 @@
+"""The Ray executor on a real 2-node cluster (two `ray start` nodes in a loopback-only network namespace):
+doit decides what is stale, Ray runs it on the nodes, the outputs equal a local build's bit for bit,
+and faults (a node killed mid-stage, a node with another toolchain, no head) fail plainly with
+nothing half-published."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.manifest import sha256_file
+from tests.conftest import copy_project, doit, make_project
+from tests.ray_cluster import LoopbackCluster, loopback_namespace_available
+from tests.test_adapters import write_dataset
+
+pytestmark = pytest.mark.slow
+WHY_NOT = loopback_namespace_available()
+needs_namespace = pytest.mark.skipif(WHY_NOT is not None, reason=f"Ray cluster tests: {WHY_NOT}")
+
+
+def support_reply(r):
+    return "Please contact the support desk about " + r["prompt"][:30]
+
+
+def hotels_reply(r):
+    return "Our concierge suggests: " + r["response"][:50]
+
+
+def adapter_args(project: Path) -> list[str]:
+    return [write_dataset(project, "support", support_reply), write_dataset(project, "hotels", hotels_reply)]
+
+
+def stage_digests(project: Path) -> dict[str, str]:
+    """sha256 of every stage's MANIFEST.json (each records its inputs' digests, so equal = same bytes)."""
+    build = project / "build/tiny"
+    return {p.parent.name: sha256_file(p) for p in build.glob("*/MANIFEST.json")}
+
+
+def ran(result) -> list[str]:
+    return re.findall(r"^\.  (\w+)$", result.stdout, re.MULTILINE)
+
+
+def built_on(project: Path, stage: str) -> dict:
+    return json.loads((project / "build/tiny/provenance" / f"{stage}.json").read_text())["node"]
+
+
+class ClusterBuild:
+    """One project built with executor.kind = "ray" against the module's cluster."""
+
+    def __init__(self, cluster: LoopbackCluster, project: Path):
+        self.cluster, self.project = cluster, project
+        self.settings = adapter_args(project) + ["executor.kind=ray", f"executor.address={cluster.address}",
+                                                 "cache.enabled=false"]
+
+    def command(self, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "doit", *self.settings, *extra]
+
+    def env(self) -> dict:
+        return {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+
+    def doit(self, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = self.cluster.run(self.command(*extra), check=False, cwd=self.project, env=self.env(), timeout=900)
+        if check and result.returncode:
+            raise AssertionError(f"doit failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        return result
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if WHY_NOT:
+        pytest.skip(WHY_NOT)
+    cluster = LoopbackCluster()
+    try:
+        cluster.start_head("node_a")
+        cluster.add_node("node_b")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_build(cluster, tmp_path_factory):
+    build = ClusterBuild(cluster, make_project(tmp_path_factory.mktemp("ray") / "project"))
+    build.first = build.doit()
+    return build
+
+
+@needs_namespace
+def test_three_adapters_build_on_two_nodes_with_the_same_bytes_as_a_local_build(cluster_build, built_project, tmp_path):
+    assert set(ran(cluster_build.first)) == {"check", "base", "quantize", "finetune", "finetune_support", "finetune_hotels",
+                                             "export", "adapter_support", "adapter_hotels", "evaluate"}
+    assert "running on node 127.0.0.1" in cluster_build.first.stdout  # the nodes' output reached this terminal
+    stages = sorted(stage_digests(cluster_build.project))
+    nodes = {built_on(cluster_build.project, s if s != "package" else "evaluate")["node_id"] for s in stages}
+    assert len(nodes) == 2  # independent stages ran on both nodes
+
+    local = copy_project(built_project, tmp_path / "local")
+    doit(local, *adapter_args(local))
+    assert stage_digests(local) == stage_digests(cluster_build.project)
+
+
+@needs_namespace
+def test_changed_dataset_rebuilds_only_its_adapter_on_the_cluster(cluster_build):
+    path = cluster_build.project / "data/hotels_qa.jsonl"
+    path.write_text(path.read_text().replace("Our concierge suggests", "The concierge recommends"))
+    before = stage_digests(cluster_build.project)
+    result = cluster_build.doit()
+    assert ran(result) == ["check", "finetune_hotels", "adapter_hotels", "evaluate"]
+    after = stage_digests(cluster_build.project)
+    assert {s for s in after if after[s] != before[s]} == {"finetune_hotels", "adapter_hotels", "package"}
+    assert "node_id" in built_on(cluster_build.project, "finetune_hotels")
+
+
+@needs_namespace
+def test_node_killed_mid_finetune_fails_the_build_and_the_next_run_redoes_only_that_stage(cluster, cluster_build):
+    project = cluster_build.project
+    data = project / "data/support_qa.jsonl"
+    data.write_text(data.read_text().replace("support desk", "help desk"))
+    before = stage_digests(project)
+    log = project / "build/tiny/logs/finetune_support.log"
+    started = time.time()
+    proc = cluster.popen(cluster_build.command("executor.placement.finetune_support.node_b=1"), cwd=project,
+                         env=cluster_build.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (log.is_file() and log.stat().st_mtime > started and "building into" in log.read_text()):
+            assert proc.poll() is None and time.time() < deadline, "finetune_support never started"
+            time.sleep(0.2)
+        time.sleep(2)  # inside the training loop
+        os.kill(cluster.raylet_pid("node_b"), signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert re.search(r"stage finetune_support failed on the cluster: its (node|worker process) died", output), output[-3000:]
+    assert stage_digests(project) == before  # the earlier good output is untouched, nothing partial adopted
+    time.sleep(2)
+    leftover = subprocess.run(["pgrep", "-f", "tasks stage finetune_support"], capture_output=True, text=True)
+    assert leftover.stdout.strip() == ""  # the stage process died with its node
+
+    cluster.add_node("node_b")  # the node comes back (a fresh raylet with the same resource)
+    again = cluster_build.doit("executor.placement.finetune_support.node_b=1")
+    assert ran(again) == ["finetune_support", "adapter_support", "evaluate"]
+    assert not list((project / "build/tiny/.staging").glob("finetune_support*"))
+
+
+@needs_namespace
+def test_node_with_another_toolchain_is_refused(cluster, cluster_build, tmp_path):
+    alt = tmp_path / "alt"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(alt),
+                              "colorlog==6.8.2"], capture_output=True, text=True)
+    if install.returncode:
+        pytest.skip(f"could not install a second colorlog version: {install.stderr.strip()[-200:]}")
+    cluster.add_node("node_c", env={"PYTHONPATH": str(alt)})
+    project = cluster_build.project
+    data = project / "data/hotels_qa.jsonl"
+    data.write_text(data.read_text().replace("The concierge recommends", "Reception suggests"))
+    before = stage_digests(project)
+    result = cluster_build.doit("executor.placement.finetune_hotels.node_c=1", check=False)
+    assert result.returncode != 0
+    assert re.search(r"has a different toolchain than the driver: colorlog 6\.8\.2 on the node vs 6\.\d+\.\d+ on the "
+                     r"driver; start every node from the project's image", result.stderr + result.stdout)
+    assert stage_digests(project) == before
+
+
+def test_unreachable_head_is_one_clear_line(built_project, tmp_path):
+    project = copy_project(built_project, tmp_path / "project")
+    result = doit(project, "executor.kind=ray", "executor.address=127.0.0.1:9", "finetune.rank=4", check=False)
+    assert result.returncode != 0
+    assert "error: cannot reach the Ray head at 127.0.0.1:9; start it (`ray start --head --port PORT`)" in result.stderr
+    assert (project / "build/tiny/finetune/MANIFEST.json").is_file()  # the earlier build is untouched
