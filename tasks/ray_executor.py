@@ -179,6 +179,7 @@ _PASS_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PYTHONHASHSEED", "OMP_NU
 def dispatch(name: str, cfg: PipelineConfig, paths: Paths, stage_argv: list[str]) -> None:
     """Run ``python -m tasks stage NAME ...`` for ``name`` as a Ray task; return when it published,
     raise PipelineError (one line, node named) when it did not."""
+    dispatch_started = time.monotonic()
     check_placement_names(cfg)
     address = cfg.executor.address
     # Our own head watchdog reports a lost head; keep Ray from killing this process first.
@@ -236,6 +237,10 @@ def dispatch(name: str, cfg: PipelineConfig, paths: Paths, stage_argv: list[str]
     if result["returncode"]:
         raise PipelineError(f"stage {name} failed on node {result['node']['ip']} ({result['node']['hostname']}); "
                             f"its error is above, its log in {paths.log(name)}")
+    total = time.monotonic() - dispatch_started
+    print(f"{name}: {total:.1f}s on the cluster, {result['seconds']:.1f}s of it the stage on node "
+          f"{result['node']['ip']} ({total - result['seconds']:.1f}s joining, scheduling, starting)", file=sys.stderr,
+          flush=True)
     ray.shutdown()
 
 

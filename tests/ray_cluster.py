@@ -86,8 +86,8 @@ class LoopbackCluster:
         except (ValueError, IndexError):
             return 0
 
-    def raylet_pid(self, name: str) -> int:
-        """The raylet process of the node started with resource ``name``."""
+    @staticmethod
+    def _pid(binary: bytes, needle: str) -> int:
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
@@ -95,9 +95,17 @@ class LoopbackCluster:
                 cmdline = (proc / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if cmdline and cmdline[0].endswith(b"raylet") and any(name.encode() in part for part in cmdline):
+            if cmdline and cmdline[0].endswith(binary) and any(needle.encode() in part for part in cmdline):
                 return int(proc.name)
-        raise LookupError(f"no raylet for {name}")
+        raise LookupError(f"no {binary.decode()} process with {needle} in its arguments")
+
+    def raylet_pid(self, name: str) -> int:
+        """The raylet process of the node started with resource ``name``."""
+        return self._pid(b"raylet", name)
+
+    def gcs_pid(self) -> int:
+        """The head's GCS server (the cluster's control store; what "the head" is to a driver)."""
+        return self._pid(b"gcs_server", str(self.temp))
 
     def stop(self) -> None:
         self.run([RAY, "stop", "--force"], check=False)

@@ -473,3 +473,29 @@ def test_code_only_change_does_not_reinstall_dependencies(runtime, context, extr
     assert (context / "build" / "image" / "runtime-cpu.id").read_text().strip() == new_id
     _report(code_only_rebuild_seconds=round(seconds, 1))
     print(f"code-only rebuild {seconds:.0f} s (first build {runtime['seconds']:.0f} s)")
+
+
+def test_ray_nodes_started_from_the_image_build_stages(runtime, context, capfd):
+    """A Ray head and a second node started from the image (`ray start`, as README "Scaling out" says),
+    with the driver in the same container: stages run as Ray tasks on the image's toolchain, each node
+    passes the driver's lock check, and provenance names the node that built each stage. The container
+    has no network but loopback, so all of Ray's traffic stays on 127.0.0.1."""
+    script = (
+        "set -e; export RAY_USAGE_STATS_ENABLED=0; "
+        "ray start --head --port=6390 --node-ip-address=127.0.0.1 --num-cpus=1 --num-gpus=0 "
+        "--resources='{\"node_a\": 1}' --include-dashboard=false --temp-dir=/tmp/ray_a >/dev/null; "
+        "ray start --address=127.0.0.1:6390 --node-ip-address=127.0.0.1 --num-cpus=1 --num-gpus=0 "
+        "--resources='{\"node_b\": 1}' --temp-dir=/tmp/ray_b >/dev/null; "
+        "trap 'ray stop --force >/dev/null 2>&1' EXIT; "
+        "python -m doit build.dir=build/tiny-ray executor.kind=ray executor.address=127.0.0.1:6390 "
+        "executor.placement.base.node_b=1 base quantize")
+    start = time.monotonic()
+    rc, out = _run_in(context, runtime["id"], ["bash", "-c", script], capfd)
+    _report(ray_in_image_seconds=round(time.monotonic() - start, 1))
+    assert rc == 0, out[-3000:]
+    assert "base: running on node 127.0.0.1" in out
+    nodes = {s: json.loads((context / "build/tiny-ray/provenance" / f"{s}.json").read_text()) for s in ("base", "quantize")}
+    assert all(r["image_id"] == runtime["id"] and r["node"]["node_id"] for r in nodes.values())
+    host_base = _manifest_files(context / "build" / "tiny-host")["base"]["files"] if (context / "build/tiny-host").is_dir() else None
+    if host_base is not None:  # the host build of the test above: same bytes from the cluster in the image
+        assert _manifest_files(context / "build" / "tiny-ray")["base"]["files"] == host_base

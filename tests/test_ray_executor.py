@@ -190,3 +190,37 @@ def test_unreachable_head_is_one_clear_line(built_project, tmp_path):
     assert result.returncode != 0
     assert "error: cannot reach the Ray head at 127.0.0.1:9; start it (`ray start --head --port PORT`)" in result.stderr
     assert (project / "build/tiny/finetune/MANIFEST.json").is_file()  # the earlier build is untouched
+
+
+@needs_namespace
+def test_losing_the_head_mid_stage_stops_the_build_plainly(built_project, tmp_path):
+    cluster = LoopbackCluster(port=6381)
+    try:
+        cluster.start_head("node_a")
+        project = copy_project(built_project, tmp_path / "project")
+        before = stage_digests(project)
+        log = project / "build/tiny/logs/finetune.log"
+        started = time.time()
+        cmd = [sys.executable, "-m", "doit", "finetune.rank=4", "executor.kind=ray", f"executor.address={cluster.address}",
+               "executor.head_timeout_s=3", "cache.enabled=false"]
+        proc = cluster.popen(cmd, cwd=project, env={**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.time() + 300
+            while not (log.is_file() and log.stat().st_mtime > started and "building into" in log.read_text()):
+                assert proc.poll() is None and time.time() < deadline, "finetune never started"
+                time.sleep(0.2)
+            os.kill(cluster.gcs_pid(), signal.SIGKILL)
+            killed = time.time()
+            output, _ = proc.communicate(timeout=120)
+            stopped_after = time.time() - killed
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    finally:
+        cluster.stop()
+    assert proc.returncode != 0
+    assert f"error: lost the Ray head at {cluster.address} while finetune ran (unreachable for 3 s); nothing of " \
+           "finetune was published" in output, output[-3000:]
+    assert stopped_after < 30
+    assert stage_digests(project) == before

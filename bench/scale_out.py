@@ -1,0 +1,114 @@
+"""Eight adapters on the tiny profile: local serial vs `doit -n 2` vs a 2-node Ray cluster.
+
+    sudo .venv/bin/python bench/scale_out.py --out bench/results/scale_out.json
+
+Builds the tiny project once (base, quantize, finetune, export), then, from a copy of it each time and
+with the run cache off, adds eight adapter datasets and times the `doit` that trains and exports the
+eight adapters and evaluates the package (8 finetune_* + 8 adapter_* + evaluate + check):
+  serial   doit                      (one stage at a time, this machine)
+  n2       doit -n 2                 (two stage processes at a time, this machine)
+  ray      doit executor.kind=ray    (a 2-node cluster on this machine, 1 CPU each, in a loopback-only
+                                      network namespace: needs root; see tests/ray_cluster.py)
+and, for the Ray run, each stage's dispatch overhead: the stage's time on the cluster minus the
+stage process's own time on the node (joining the cluster, scheduling, starting a worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import copy_project, make_project  # noqa: E402
+from tests.ray_cluster import LoopbackCluster, loopback_namespace_available  # noqa: E402
+
+ADAPTERS = 8
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+
+
+def adapter_settings(project: Path) -> list[str]:
+    records = [json.loads(line) for line in (project / "data/travel_qa.jsonl").read_text().splitlines()]
+    settings = []
+    for i in range(ADAPTERS):
+        rel = f"data/skill{i}_qa.jsonl"
+        (project / rel).write_text("".join(
+            json.dumps({"prompt": r["prompt"], "response": f"Skill {i} answer: " + r["response"][: 20 + 5 * i]}) + "\n"
+            for r in records))
+        settings.append(f'adapters.skill{i}.path="{rel}"')
+    return settings + ["cache.enabled=false"]
+
+
+def timed(cmd: list[str], cwd: Path, runner=subprocess.run) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    result = runner(cmd, cwd=cwd, capture_output=True, text=True, env=env())
+    elapsed = time.perf_counter() - start
+    if result.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return elapsed, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "bench/results/scale_out.json")
+    args = parser.parse_args()
+    why_not = loopback_namespace_available()
+    if why_not:
+        raise SystemExit(f"error: the Ray run {why_not}")
+    work = Path(tempfile.mkdtemp(prefix="scale-out-"))
+    results: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
+                     "adapters": ADAPTERS}
+    try:
+        base = make_project(work / "base")
+        results["core_build_s"] = round(timed([sys.executable, "-m", "doit", "cache.enabled=false"], base)[0], 1)
+        print(f"core build {results['core_build_s']} s", flush=True)
+        modes = {"serial": [], "n2": ["-n", "2"]}
+        for mode, extra in modes.items():
+            project = copy_project(base, work / mode)
+            wall, _ = timed([sys.executable, "-m", "doit", *extra, *adapter_settings(project)], project)
+            results[mode] = {"wall_s": round(wall, 1)}
+            print(f"{mode}: {wall:.1f} s", flush=True)
+        project = copy_project(base, work / "ray")
+        cluster = LoopbackCluster(port=6391)
+        try:
+            start = time.perf_counter()
+            cluster.start_head("node_a")
+            cluster.add_node("node_b")
+            results["ray_cluster_start_s"] = round(time.perf_counter() - start, 1)
+            cmd = [sys.executable, "-m", "doit", *adapter_settings(project), "executor.kind=ray",
+                   f"executor.address={cluster.address}"]
+            wall, result = timed(cmd, project, runner=lambda c, **kw: cluster.run(c, check=False, cwd=kw["cwd"], env=kw["env"]))
+        finally:
+            cluster.stop()
+        lines = re.findall(r"^(\w+): ([0-9.]+)s on the cluster, ([0-9.]+)s of it the stage on node", result.stderr,
+                           re.MULTILINE)
+        overhead = [float(total) - float(own) for _, total, own in lines]
+        nodes = {json.loads(p.read_text())["node"].get("node_id") for p in (project / "build/tiny/provenance").glob("*.json")
+                 if p.stem.startswith(("finetune_", "adapter_"))}
+        results["ray"] = {"wall_s": round(wall, 1), "stages": len(lines), "nodes_used": len(nodes),
+                          "dispatch_overhead_s": {"median": round(statistics.median(overhead), 2),
+                                                  "min": round(min(overhead), 2), "max": round(max(overhead), 2)}}
+        print(f"ray: {wall:.1f} s; {results['ray']}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
