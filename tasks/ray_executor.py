@@ -129,8 +129,10 @@ def run_on_node(root: str, argv: list[str], driver_python: str, driver_toolchain
 
     import ray
 
-    ctx = ray.get_runtime_context()
-    node = {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname()}
+    node_id = ray.get_runtime_context().get_node_id()
+    # The address the node joined the cluster with (what `ray status` shows), not a guess from routes.
+    ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), ray.util.get_node_ip_address())
+    node = {"node_id": node_id, "ip": ip, "hostname": socket.gethostname()}
     where = f"node {node['ip']} ({node['hostname']}, id {node['node_id'][:12]})"
     if not (Path(root) / "dodo.py").is_file():
         return {"refused": f"{where} does not see the project at {root}; mount the shared project folder at the "

@@ -490,7 +490,8 @@ def test_ray_nodes_started_from_the_image_build_stages(runtime, context, capfd):
         "python -m doit build.dir=build/tiny-ray executor.kind=ray executor.address=127.0.0.1:6390 "
         "executor.placement.base.node_b=1 base quantize")
     start = time.monotonic()
-    rc, out = _run_in(context, runtime["id"], ["bash", "-c", script], capfd)
+    # --network none: the container's own loopback only, whatever PIPELINE_DOCKER_NETWORK says.
+    rc, out = _run_in(context, runtime["id"], ["bash", "-c", script], capfd, network="none")
     _report(ray_in_image_seconds=round(time.monotonic() - start, 1))
     assert rc == 0, out[-3000:]
     assert "base: running on node 127.0.0.1" in out
