@@ -30,6 +30,10 @@ def preflight(cfg: PipelineConfig, paths: Paths) -> None:
         if not text.strip():
             raise PipelineError(f"{key}: {path} is empty; it needs text, one paragraph per line")
     check_runtime_variant(cfg)
+    if cfg.executor.kind == "ray":
+        from tasks.ray_executor import check_placement_names
+
+        check_placement_names(cfg)  # a typo'd stage name would otherwise pin nothing, silently
 
 
 def check_runtime_variant(cfg: PipelineConfig) -> None:

@@ -224,3 +224,12 @@ def test_losing_the_head_mid_stage_stops_the_build_plainly(built_project, tmp_pa
            "finetune was published" in output, output[-3000:]
     assert stopped_after < 30
     assert stage_digests(project) == before
+
+
+def test_placement_of_an_unknown_stage_is_refused_before_anything_runs(built_project, tmp_path):
+    project = copy_project(built_project, tmp_path / "project")
+    result = doit(project, "executor.kind=ray", "executor.address=127.0.0.1:9", "executor.placement.finetun.node_b=1",
+                  check=False)
+    assert result.returncode != 0
+    assert re.search(r"error: executor\.placement names finetun, which is no stage of this build; stages: base, "
+                     r"evaluate, export, finetune, quantize", result.stderr), result.stderr[-2000:]
