@@ -26,11 +26,14 @@ def profile(package: Path, tokens: int, adapter: tuple[Path, str] | None) -> dic
     import numpy as np
     import onnxruntime_genai as og
 
-    scratch = Path(tempfile.mkdtemp(prefix="decode-profile-"))
+    from tasks.manifest import link_or_copy
+
+    # Beside the package, with hard links: ONNX Runtime refuses external data reached through a symlink.
+    scratch = Path(tempfile.mkdtemp(prefix=".decode-profile-", dir=package.parent))
     for item in package.iterdir():
-        (scratch / item.name).symlink_to(item.resolve())
+        link_or_copy(item, scratch / item.name)
     config = json.loads((package / "genai_config.json").read_text())
-    (scratch / "genai_config.json").unlink()
+    (scratch / "genai_config.json").unlink()  # a link to the package's own file: write a new one
     options = config["model"]["decoder"].setdefault("session_options", {})
     options["enable_profiling"] = str(scratch / "ort_profile")
     (scratch / "genai_config.json").write_text(json.dumps(config))

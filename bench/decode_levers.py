@@ -1,0 +1,152 @@
+"""Decode levers on a built cuda package: what removing the longrope If node and capturing CUDA graphs gives.
+
+    python bench/decode_levers.py build/gpu-bench/build/package/cuda --adapter travel --out levers.json
+
+Variants, each a scratch copy of the package (the package itself is not touched):
+  as_built        the package as the export stage wrote it
+  fixed_context   the If node that switches longrope's short/long cos-sin caches replaced by the short
+                  caches (valid up to original_max_position_embeddings tokens of context)
+  cuda_graph      fixed_context plus onnxruntime-genai's CUDA graph capture (enable_cuda_graph)
+Each is timed without and with the adapter: batch 1, 128 prompt tokens, 256 new, greedy, best of 3.
+A variant that fails to load or run is reported with its error, not hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tasks.manifest import link_or_copy  # noqa: E402
+
+PROMPT, NEW = 128, 256
+
+
+def copy_package(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for item in src.iterdir():
+        if item.name in ("model.onnx", "genai_config.json"):
+            shutil.copy2(item, dst / item.name)
+        else:  # hard links: ONNX Runtime refuses external data reached through a symlink
+            link_or_copy(item, dst / item.name)
+    return dst
+
+
+def fix_context(folder: Path) -> int:
+    """Replace the longrope If node by its short-context branch's constants; return the context bound."""
+    import onnx
+    from onnx import helper
+
+    path = folder / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    for i, node in enumerate(graph.node):
+        if node.op_type == "If" and set(node.output) == {"cos_cache", "sin_cache"}:
+            condition = node.input[0]
+            branch = next(a.g for a in node.attribute if a.name == "else_branch")  # Greater(len, bound) false
+            renames = dict(zip([o.name for o in branch.output], node.output))
+            constants = []
+            for inner in branch.node:
+                copy = helper.make_node("Constant", [], [renames[inner.output[0]]], name=f"{node.name}/fixed/{inner.output[0]}")
+                copy.attribute.extend(inner.attribute)
+                constants.append(copy)
+            del graph.node[i]
+            for offset, c in enumerate(constants):
+                graph.node.insert(i + offset, c)
+            break
+    else:
+        raise SystemExit("no longrope If node producing cos_cache/sin_cache in this graph")
+    onnx.save(model, str(path))  # external data stays in model.onnx.data (linked), by location
+    # The bound the If compared against (Greater(total length, bound)): original_max_position_embeddings.
+    greater = next((n for n in graph.node if n.output and n.output[0] == condition), None)
+    bound = greater.input[1].rsplit("/", 1)[-1] if greater is not None else ""
+    return int(bound) if bound.isdigit() else 0
+
+
+def enable_cuda_graph(folder: Path) -> None:
+    config = json.loads((folder / "genai_config.json").read_text())
+    options = config["model"]["decoder"].setdefault("session_options", {})
+    providers = options.setdefault("provider_options", [])
+    cuda = next((p["cuda"] for p in providers if "cuda" in p), None)
+    if cuda is None:
+        cuda = {}
+        providers.append({"cuda": cuda})
+    cuda["enable_cuda_graph"] = "1"
+    (folder / "genai_config.json").write_text(json.dumps(config, indent=2))
+
+
+def time_decode(folder: Path, adapter_file: Path | None, adapter_name: str | None) -> dict:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    adapters = None
+    if adapter_file:
+        adapters = og.Adapters(model)
+        adapters.load(str(adapter_file), adapter_name)
+    prompt = list(range(100, 100 + PROMPT))
+    best = None
+    for i in range(4):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=PROMPT + NEW, min_length=PROMPT + NEW, do_sample=False)
+        gen = og.Generator(model, params)
+        if adapters:
+            gen.set_active_adapter(adapters, adapter_name)
+        gen.append_tokens(np.asarray([prompt], dtype=np.int32))
+        start, n = time.perf_counter(), 0
+        while not gen.is_done():
+            gen.generate_next_token()
+            n += 1
+        rate = n / (time.perf_counter() - start)
+        if i:
+            best = max(best or 0, rate)
+        tokens = list(gen.get_sequence(0))[PROMPT:]
+        del gen, params
+    return {"decode_tokens_per_s": round(best, 1), "first_tokens": [int(t) for t in tokens[:8]]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("package", type=Path)
+    parser.add_argument("--adapter", default="travel", help="adapter name; <package>/<name>.onnx_adapter")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    # Beside the package, so that hard links work (same filesystem).
+    scratch = Path(tempfile.mkdtemp(prefix=".decode-levers-", dir=args.package.parent))
+    results: dict = {}
+    try:
+        variants = {}
+        variants["as_built"] = copy_package(args.package, scratch / "as_built")
+        fixed = copy_package(args.package, scratch / "fixed_context")
+        results["context_bound"] = fix_context(fixed)
+        variants["fixed_context"] = fixed
+        graph = copy_package(args.package, scratch / "cuda_graph")
+        fix_context(graph)
+        enable_cuda_graph(graph)
+        variants["cuda_graph"] = graph
+        adapter_file = args.package / f"{args.adapter}.onnx_adapter"
+        for name, folder in variants.items():
+            results[name] = {}
+            for label, adapter in (("without_adapter", None), ("with_adapter", adapter_file)):
+                try:
+                    results[name][label] = time_decode(folder, adapter, args.adapter if adapter else None)
+                except Exception as exc:  # a lever that does not work is a finding
+                    results[name][label] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+                print(f"{name} {label}: {results[name][label]}", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
