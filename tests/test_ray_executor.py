@@ -188,14 +188,14 @@ def test_node_with_another_toolchain_is_refused(cluster, cluster_build, tmp_path
 def test_multi_process_finetune_asks_one_node_for_all_its_ranks(cluster, cluster_build):
     # Two ranks need two CPUs on one node; each node here has one, so the stage is refused at once
     # instead of waiting forever in Ray's queue.
-    refused = cluster_build.doit("finetune.processes=2", check=False)
+    refused = cluster_build.doit("finetune.processes=2", "finetune", check=False)
     assert refused.returncode != 0
     assert re.search(r"no live node of the cluster at 127\.0\.0\.1:\d+ offers what stage finetune asks for "
                      r"\(\{\"num_cpus\": 2(\.0)?, \"num_gpus\": 0\}\)", refused.stderr), refused.stderr[-2000:]
     # Half a CPU per rank fits one node: both ranks run there (torch.distributed over its loopback).
     built = cluster_build.doit("finetune.processes=2", "executor.cpus_per_stage=0.5",
-                             "executor.placement.finetune.node_a=1")
-    assert "finetune" in ran(built)
+                               "executor.placement.finetune.node_a=1", "finetune")  # that stage alone
+    assert ran(built) == ["check", "finetune"]
     assert "2 processes" in (cluster_build.project / "build/tiny/logs/finetune.log").read_text()
     assert "node_id" in built_on(cluster_build.project, "finetune")
 
