@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.conftest import copy_project, make_project  # noqa: E402
 from tests.ray_cluster import LoopbackCluster, loopback_namespace_available  # noqa: E402
+from tests.test_adapters import write_dataset  # noqa: E402
 
 ADAPTERS = 8
 
@@ -42,14 +43,9 @@ def env() -> dict:
 
 
 def adapter_settings(project: Path) -> list[str]:
-    records = [json.loads(line) for line in (project / "data/travel_qa.jsonl").read_text().splitlines()]
-    settings = []
-    for i in range(ADAPTERS):
-        rel = f"data/skill{i}_qa.jsonl"
-        (project / rel).write_text("".join(
-            json.dumps({"prompt": r["prompt"], "response": f"Skill {i} answer: " + r["response"][: 20 + 5 * i]}) + "\n"
-            for r in records))
-        settings.append(f'adapters.skill{i}.path="{rel}"')
+    """Eight datasets of the project's prompts, each with its own kind of answer, and their config keys."""
+    settings = [write_dataset(project, f"skill{i}", lambda r, i=i: f"Skill {i} answer: " + r["response"][: 20 + 5 * i])
+                for i in range(ADAPTERS)]
     return settings + ["cache.enabled=false"]
 
 

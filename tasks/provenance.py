@@ -35,10 +35,14 @@ def lock_variant() -> str:
     return "cpu"
 
 
+def lock_path(root: Path) -> Path:
+    """The lock file the running environment was installed from (requirements/<variant>.lock.txt)."""
+    return root / "requirements" / f"{lock_variant()}.lock.txt"
+
+
 def lock_record(root: Path) -> dict:
-    variant = lock_variant()
-    path = root / "requirements" / f"{variant}.lock.txt"
-    return {"file": f"requirements/{variant}.lock.txt",
+    path = lock_path(root)
+    return {"file": path.relative_to(root).as_posix(),
             "sha256": sha256_file(path) if path.is_file() else None}
 
 

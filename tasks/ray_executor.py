@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import signal
 import socket
@@ -33,17 +34,16 @@ from tasks.config import PipelineConfig
 from tasks.errors import PipelineError
 from tasks.gpu_slots import uses_gpu
 from tasks.paths import Paths
-from tasks.provenance import NODE_ENV
+from tasks.provenance import NODE_ENV, lock_path
 from tasks.stages import FINETUNE_PREFIX, stages_for
 
-# Set on the node for the stage process: run the stage here, and record which node built it.
-ON_NODE_ENV = NODE_ENV
 NAMESPACE = "ondevice-llm-build"
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
 
 
 def on_node() -> bool:
-    return bool(os.environ.get(ON_NODE_ENV))
+    """Set on the node for the stage process (run the stage here; provenance records the node)."""
+    return bool(os.environ.get(NODE_ENV))
 
 
 # --- toolchain identity -------------------------------------------------------------------------
@@ -125,8 +125,6 @@ def _die_with_parent() -> None:
 
 def run_on_node(root: str, argv: list[str], driver_python: str, driver_toolchain: dict, extra_env: dict) -> dict:
     """Body of the Ray task: refuse a node that cannot reproduce the build, else run the stage here."""
-    import platform
-
     import ray
 
     node_id = ray.get_runtime_context().get_node_id()
@@ -147,7 +145,7 @@ def run_on_node(root: str, argv: list[str], driver_python: str, driver_toolchain
                            "start every node from the project's image (README: Scaling out) so that all run the "
                            "same lock", "node": node}
     print(f"{argv[3]}: running on {where}", flush=True)
-    env = {**os.environ, **extra_env, ON_NODE_ENV: json.dumps(node, sort_keys=True)}
+    env = {**os.environ, **extra_env, NODE_ENV: json.dumps(node, sort_keys=True)}
     start = time.monotonic()
     # The node's own interpreter (the image's), not the driver's path to one.
     proc = subprocess.run([sys.executable, *argv], cwd=root, env=env, preexec_fn=_die_with_parent)
@@ -166,9 +164,7 @@ def _head_reachable(address: str) -> bool:
 
 
 def _driver_toolchain(root: Path) -> dict[str, str | None]:
-    from tasks.provenance import lock_variant
-
-    lock = root / "requirements" / f"{lock_variant()}.lock.txt"
+    lock = lock_path(root)
     if not lock.is_file():
         raise PipelineError(f"{lock} is missing; the Ray executor compares every node against the driver's lock")
     return installed_versions(lock_names(lock))
@@ -203,8 +199,6 @@ def dispatch(name: str, cfg: PipelineConfig, paths: Paths, stage_argv: list[str]
         raise PipelineError(f"no live node of the cluster at {address} offers what stage {name} asks for "
                             f"({json.dumps(options, sort_keys=True)}); start a node with those resources or change "
                             "executor.placement / build.device")
-    import platform
-
     remote = ray.remote(run_on_node).options(name=name, max_retries=cfg.executor.retries, retry_exceptions=False,
                                              **options)
     extra_env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
