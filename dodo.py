@@ -19,9 +19,12 @@ from doit.tools import config_changed
 
 from tasks.cli_vars import config_overrides
 from tasks.config import load_config
+from tasks.doit_cli import answer_before_doit
 from tasks.doit_guard import guard_state_database
-from tasks.doit_reporter import StageReporter
+from tasks.doit_reporter import reporter_for
 from tasks.errors import PipelineError
+from tasks.manifest import manifest_problem
+from tasks.ownership import claim
 from tasks.paths import Paths
 from tasks.stages import COMMON_CODE, config_fingerprint, stages_for
 from tasks.workspace_lock import READ_ONLY_COMMANDS, doit_command, hold_build_lock
@@ -36,7 +39,12 @@ except PipelineError as exc:
     sys.exit(exc.exit_code)
 PATHS = Paths.of(ROOT, CFG)
 STAGES = stages_for(CFG)  # the core stages, plus two per [adapters.<name>]
-PATHS.build.mkdir(parents=True, exist_ok=True)
+try:
+    # Ours only if we created it (or found it empty): never a home, system or project folder.
+    claim(PATHS.build, "build", "build.dir", ROOT)
+except PipelineError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(exc.exit_code)
 if doit_command(sys.argv) not in READ_ONLY_COMMANDS:
     try:
         _BUILD_LOCK = hold_build_lock(PATHS.build)  # held until this process exits
@@ -52,7 +60,7 @@ DOIT_CONFIG = {
     "default_tasks": [s.name for s in STAGES],
     "verbosity": 2,
     "action_string_formatting": "new",
-    "reporter": StageReporter,
+    "reporter": reporter_for(f"{os.path.relpath(PATHS.build / 'logs', ROOT)}/"),
 }
 if CFG.executor.kind == "ray":
     # Stale independent stages go to the cluster together; each action is a process that waits on
@@ -93,6 +101,12 @@ def task_verify():
     return {"actions": [STAGE_CMD + ["verify"] + CONFIG_ARGS], "uptodate": [False], "verbosity": 2}
 
 
+def _manifest_intact(name: str):
+    def intact(task, values):
+        return manifest_problem(PATHS.stage(name)) is None
+    return intact
+
+
 def _stage_task(stage):
     def make():
         file_dep = [rel(PATHS.manifest(up)) for up in stage.upstream]
@@ -104,7 +118,8 @@ def _stage_task(stage):
             "file_dep": file_dep,
             "task_dep": ["check"],
             "targets": [rel(PATHS.manifest(stage.name))],
-            "uptodate": [config_changed(config_fingerprint(CFG, stage))],
+            # A damaged MANIFEST.json (truncated, edited) is never up to date, so nothing builds on top of it.
+            "uptodate": [config_changed(config_fingerprint(CFG, stage)), _manifest_intact(stage.name)],
             "clean": [(shutil.rmtree, [str(PATHS.stage(stage.name)), True])],
             "verbosity": 2,
         }
@@ -214,3 +229,11 @@ def task_incontainer():
         "uptodate": [False],
         "verbosity": 2,
     }
+
+
+# Sub-commands doit itself would answer with a traceback (an unknown task for info, dumpdb on sqlite).
+_TASK_NAMES = {name.removeprefix("task_").replace("_", "-") if name in ("task_cache_gc", "task_fetch_package")
+               else name.removeprefix("task_") for name in list(globals()) if name.startswith("task_")}
+_ANSWER = answer_before_doit(sys.argv, doit_command(sys.argv), _TASK_NAMES, PATHS.doit_db)
+if _ANSWER is not None:
+    sys.exit(_ANSWER)

@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tasks.manifest import link_or_copy  # noqa: E402
+from tasks.manifest import clone_file  # noqa: E402
 
 PROMPT, NEW = 128, 256
 
@@ -34,8 +34,8 @@ def copy_package(src: Path, dst: Path) -> Path:
     for item in src.iterdir():
         if item.name in ("model.onnx", "genai_config.json"):
             shutil.copy2(item, dst / item.name)
-        else:  # hard links: ONNX Runtime refuses external data reached through a symlink
-            link_or_copy(item, dst / item.name)
+        else:  # copies (clones): ONNX Runtime refuses external data reached through a symlink
+            clone_file(item, dst / item.name)
     return dst
 
 
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--adapter", default="travel", help="adapter name; <package>/<name>.onnx_adapter")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    # Beside the package, so that hard links work (same filesystem).
+    # Beside the package (same filesystem: clones where it supports them).
     scratch = Path(tempfile.mkdtemp(prefix=".decode-levers-", dir=args.package.parent))
     results: dict = {}
     try:

@@ -26,12 +26,12 @@ def profile(package: Path, tokens: int, adapter: tuple[Path, str] | None) -> dic
     import numpy as np
     import onnxruntime_genai as og
 
-    from tasks.manifest import link_or_copy
+    from tasks.manifest import clone_file
 
-    # Beside the package, with hard links: ONNX Runtime refuses external data reached through a symlink.
+    # Beside the package, as copies: ONNX Runtime refuses external data reached through a symlink.
     scratch = Path(tempfile.mkdtemp(prefix=".decode-profile-", dir=package.parent))
     for item in package.iterdir():
-        link_or_copy(item, scratch / item.name)
+        clone_file(item, scratch / item.name)
     config = json.loads((package / "genai_config.json").read_text())
     (scratch / "genai_config.json").unlink()  # a link to the package's own file: write a new one
     options = config["model"]["decoder"].setdefault("session_options", {})

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tasks.config import ModelSection, TinyModel
 from tasks.errors import PipelineError
-from tasks.manifest import link_or_copy
+from tasks.manifest import clone_file
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,6 @@ def fetch_hub_model(repo_id: str, revision: str, out: Path, trust_remote_code: b
         raise PipelineError(f"{repo_id}@{revision[:12]} has no safetensors weights; pickled weights are refused")
     remote_code = check_remote_code(snapshot, repo_id, trust_remote_code)
     for path in files:
-        link_or_copy(path.resolve(), out / path.relative_to(snapshot))
+        clone_file(path.resolve(), out / path.relative_to(snapshot))
     log.info("linked %d files from %s", len(files), snapshot)
     return {"source": "hub", "repo_id": repo_id, "revision": revision, "commit": commit, "remote_code": remote_code}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tasks.config import PipelineConfig
 from tasks.errors import PipelineError
-from tasks.manifest import MANIFEST, file_table, link_tree, manifest_digest, read_manifest, sha256_file
+from tasks.manifest import MANIFEST, file_table, clone_tree, manifest_digest, read_manifest, sha256_file
 from tasks.paths import Paths
 from tasks.provenance import lock_record, read_environment
 from tasks.stages import STAGES, config_values, stages_for
@@ -95,7 +95,7 @@ def publish_record(paths: Paths, cfg: PipelineConfig, digests: dict[str, str]) -
 def make_bundle(paths: Paths, cfg: PipelineConfig, dest: Path) -> dict:
     """Check the build, then assemble its bundle in the empty folder ``dest``; returns PUBLISH.json's record."""
     digests = check_publishable(paths, cfg)
-    link_tree(paths.stage(PACKAGE_STAGE), dest)
+    clone_tree(paths.stage(PACKAGE_STAGE), dest)
     (dest / PROVENANCE).mkdir()
     for stage in stages_for(cfg)[:-1]:
         shutil.copyfile(paths.manifest(stage.name), dest / PROVENANCE / f"{stage.name}.{MANIFEST}")

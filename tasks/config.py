@@ -243,8 +243,9 @@ class CacheSection(Section):
 
     enabled: bool = True
     dir: str = ".cache/runs"
-    """Relative to the project root, or absolute (a shared filesystem for a team or CI). On the build
-    folder's filesystem entries are hard links and cost no space until the build moves on."""
+    """Relative to the project root, or absolute (a shared filesystem for a team or CI). A folder the
+    project creates (or finds empty) and marks; one holding other files is refused. Entries are copies
+    (copy-on-write clones, free of space, where the filesystem supports them: btrfs, XFS)."""
     max_size_gb: float = Field(50.0, gt=0)
     """Least recently used entries are removed past this size (counted as if nothing were shared)."""
 

@@ -40,7 +40,7 @@ def random_model_bytes(cfg: PipelineConfig) -> int:
 def estimated_need(name: str, cfg: PipelineConfig, paths: Paths) -> int | None:
     """Bytes the stage may write into the build folder; None when it cannot be known beforehand."""
     if name == "base":
-        # A Hub model goes to the HF cache and is hard-linked; its size is known only to the Hub.
+        # A Hub model goes to the HF cache and is copied; its size is known only to the Hub.
         return None if cfg.model.hub_source else random_model_bytes(cfg) + SLACK
     if name == "quantize":
         return _published_bytes(paths.stage("base")) + SLACK  # int4 + fp16 embeddings < the bf16 base
@@ -52,7 +52,7 @@ def estimated_need(name: str, cfg: PipelineConfig, paths: Paths) -> int | None:
         # Per target: the builder's model in scratch, then the grafted copy; each <= the AWQ folder + rope caches.
         return len(cfg.export.targets) * 2 * (_published_bytes(paths.stage("quantize")) + SLACK)
     if name == "evaluate":
-        return SLACK  # the package hard-links the export files
+        return _published_bytes(paths.stage("export")) + SLACK  # the package holds a copy of the export files
     return None
 
 

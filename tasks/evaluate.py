@@ -21,15 +21,15 @@ from tasks.config import EvaluateSection, ExportSection
 from tasks.data import Record, prompt_part, read_heldout, render
 from tasks.errors import PipelineError
 from tasks.export import ADAPTER_SUFFIX
-from tasks.manifest import link_tree
+from tasks.manifest import clone_tree
 from tasks.genai import all_logits, open_model, stream
 
 log = logging.getLogger(__name__)
 
 
 def copy_package(src: Path, dst: Path) -> None:
-    """The export files (multi-GB for real models), hard-linked; the export's manifest stays behind."""
-    link_tree(src, dst, exclude=("MANIFEST.json",))
+    """The export files, cloned (a package a user edits never reaches export/); the export's manifest stays behind."""
+    clone_tree(src, dst, exclude=("MANIFEST.json",))
 
 
 def response_loss(model, adapters, adapter, tokenizer, template: str, record: dict) -> tuple[float, int]:
@@ -98,7 +98,7 @@ def add_extra_adapters(out: Path, extra: dict[str, tuple[Path, Path]], section: 
 
     report: dict = {}
     for name, (adapter_dir, finetune_dir) in sorted(extra.items()):
-        link_tree(adapter_dir, out, exclude=("MANIFEST.json", "adapter_check.json"))
+        clone_tree(adapter_dir, out, exclude=("MANIFEST.json", "adapter_check.json"))
         template, held = read_heldout(finetune_dir)
         report[name] = {"heldout_records": len(held), "targets": {}}
         for target in export.targets:

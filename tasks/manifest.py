@@ -21,6 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from tasks.errors import PipelineError
+
 MANIFEST = "MANIFEST.json"
 # Versions recorded in every manifest: the libraries whose code decides a stage's bytes.
 RECORDED_PACKAGES = (
@@ -47,21 +49,31 @@ def file_table(folder: Path) -> dict[str, dict[str, Any]]:
     return table
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard link (multi-GB model files cost nothing twice); a copy where the filesystem cannot link."""
+_FICLONE = 0x40049409  # Linux ioctl: share the blocks copy-on-write (btrfs, XFS, bcachefs, ZFS 2.2+)
+
+
+def clone_file(src: Path, dst: Path) -> None:
+    """An independent copy of src at dst: a copy-on-write clone where the filesystem can (instant, no
+    extra space), else a plain copy. Never a hard link: an edit of one file, in place, must not change
+    another stage's output, the run cache or a user's Hugging Face cache behind its back."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        try:
+            import fcntl
+
+            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+            return
+        except OSError:
+            pass
+        shutil.copyfileobj(fin, fout, 1 << 22)
 
 
-def link_tree(src: Path, dst: Path, exclude: tuple[str, ...] = ()) -> None:
+def clone_tree(src: Path, dst: Path, exclude: tuple[str, ...] = ()) -> None:
     """Every file under src at the same relative path under dst (``exclude``: relative posix paths)."""
     for item in sorted(src.rglob("*")):
         rel = item.relative_to(src).as_posix()
         if item.is_file() and rel not in exclude:
-            link_or_copy(item, dst / rel)
+            clone_file(item, dst / rel)
 
 
 def package_versions() -> dict[str, str]:
@@ -79,8 +91,55 @@ def write_manifest(folder: Path, record: dict[str, Any]) -> Path:
     return path
 
 
+class DamagedManifest(PipelineError, ValueError):
+    """A MANIFEST.json that does not parse or does not have the shape write_manifest gives it."""
+
+
+_HEX64 = frozenset("0123456789abcdef")
+
+
+def _schema_problem(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return "not a JSON object"
+    for key, kind in (("stage", str), ("files", dict), ("config", dict), ("inputs", dict), ("packages", dict)):
+        if not isinstance(body.get(key), kind):
+            return f"'{key}' missing or not a {kind.__name__}"
+    for name, entry in body["files"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64
+                and set(entry["sha256"]) <= _HEX64 and isinstance(entry.get("size"), int) and entry["size"] >= 0):
+            return f"the entry of {name!r} in 'files' is not {{sha256, size}}"
+        if name.startswith("/") or ".." in name.split("/"):
+            return f"'files' names {name!r}, outside the stage folder"
+    return None
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    """The stage's manifest, checked for shape; raises DamagedManifest (a ValueError) when it is not one.
+
+    A truncated or edited manifest must never count as a build: every caller treats it as damage."""
+    try:
+        body = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DamagedManifest(f"{folder / MANIFEST} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise DamagedManifest(f"{folder / MANIFEST} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    problem = _schema_problem(body)
+    if problem:
+        raise DamagedManifest(f"{folder / MANIFEST} is not a stage manifest ({problem})")
+    return body
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """Why the manifest in ``folder`` cannot be trusted (missing, unreadable, wrong shape), or None."""
+    if not (folder / MANIFEST).is_file():
+        return f"{folder / MANIFEST} is missing"
+    try:
+        read_manifest(folder)
+    except DamagedManifest as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{folder / MANIFEST} cannot be read ({exc.strerror or exc})"
+    return None
 
 
 def manifest_digest(folder: Path) -> str:
@@ -88,13 +147,23 @@ def manifest_digest(folder: Path) -> str:
 
 
 def _seal_tree(folder: Path) -> None:
-    """Uniform permissions (some writers create 0600 files) and data on disk before the rename
-    makes it visible, or a power cut could publish zeros."""
+    """Read-only files (a published output is edited only by rebuilding it: an editor or a script that
+    tries refuses, for any user but root) and data on disk before the rename makes it visible, or a
+    power cut could publish zeros. Folders stay writable so that a rebuild can replace them."""
     for path in folder.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+        path.chmod(0o755 if path.is_dir() else 0o444)
         if path.is_file():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+# What `doit verify` leaves in place of the manifest of a stage it marked stale.
+STALE_MANIFEST = "MANIFEST.stale.json"
+
+
+def is_stage_output(folder: Path) -> bool:
+    """A folder this build published (it alone writes a manifest into a stage folder), maybe since marked stale."""
+    return (folder / MANIFEST).exists() or (folder / STALE_MANIFEST).exists() or not any(folder.iterdir())
 
 
 @contextlib.contextmanager
@@ -103,6 +172,9 @@ def staged_output(final: Path) -> Iterator[Path]:
 
     The caller must have written MANIFEST.json into it; without it nothing is published.
     """
+    if final.exists() and not (final.is_dir() and not final.is_symlink() and is_stage_output(final)):
+        raise PipelineError(f"{final} exists but is not an output of this build (no {MANIFEST}); it was not "
+                            "replaced: move it out of the build folder and run doit again")
     staging_root = final.parent / ".staging"
     staging_root.mkdir(parents=True, exist_ok=True)
     # Leftovers of killed runs of this stage are never adopted: remove them first.

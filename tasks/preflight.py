@@ -30,6 +30,10 @@ def preflight(cfg: PipelineConfig, paths: Paths) -> None:
         if not text.strip():
             raise PipelineError(f"{key}: {path} is empty; it needs text, one paragraph per line")
     check_runtime_variant(cfg)
+    if cfg.cache.enabled:
+        from tasks.run_cache import RunCache
+
+        RunCache.of(paths, cfg)  # claims cache.dir, or refuses a folder that is not the cache's own
     if cfg.executor.kind == "ray":
         from tasks.ray_executor import check_placement_names
 

@@ -2,10 +2,13 @@
 
 Key = sha256 of (stage, the config keys it reads, the digests of its upstream manifests and input
 files, the digest of its code and of the dependency lock). A stage whose key is cached gets that
-output back (hard links where the filesystem allows, else copies), re-hashed against its manifest
+output back (copy-on-write clones where the filesystem can, else copies: never links, so an edit
+of a build output cannot reach the cache nor the other way round), re-hashed against its manifest
 before it is published; an entry that fails the check is dropped and the stage is computed.
 
-Layout: ``<cache.dir>/<stage>/<key>/`` (the output with its MANIFEST.json). Entries appear by one
+Layout: ``<cache.dir>/<stage>/<key>/`` (the output with its MANIFEST.json), and a marker file that
+says the folder is a run cache (tasks/ownership.py): the cache is used only in a folder it created or
+found empty, and its collector removes only folders named like its own entries and leftovers. Entries appear by one
 rename of a complete folder, so concurrent writers (several builds, machines sharing the folder over
 NFS) are safe: the first rename wins, the others discard their copy, and a reader never sees half an
 entry. ``cache.max_size_gb`` bounds the folder; least recently used entries go first (`doit cache-gc`,
@@ -19,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -27,13 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import PipelineConfig
-from tasks.manifest import MANIFEST, file_table, link_or_copy, link_tree, read_manifest
+from tasks.manifest import MANIFEST, file_table, clone_file, clone_tree, read_manifest
+from tasks.ownership import CACHE_KEY, CACHE_LEFTOVER, claim
 from tasks.paths import Paths
 from tasks.provenance import lock_record
 from tasks.stages import COMMON_CODE, Stage, config_values
 
 log = logging.getLogger("tasks.cache")
 FORMAT = 1
+STAGE_DIR = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
 def code_digest(root: Path, stage: Stage) -> str:
@@ -70,7 +76,8 @@ class RunCache:
     def of(cls, paths: Paths, cfg: PipelineConfig) -> "RunCache | None":
         if not cfg.cache.enabled:
             return None
-        return cls((paths.root / cfg.cache.dir).resolve(), int(cfg.cache.max_size_gb * (1 << 30)))
+        root = claim((paths.root / cfg.cache.dir).resolve(), "cache", "cache.dir", paths.root)
+        return cls(root, int(cfg.cache.max_size_gb * (1 << 30)))
 
     def entry(self, stage: str, key: str) -> Path:
         return self.root / stage / key
@@ -83,7 +90,7 @@ class RunCache:
         try:
             listed = read_manifest(entry)["files"]
             for rel in listed:
-                link_or_copy(entry / rel, staging / rel)
+                clone_file(entry / rel, staging / rel)
             shutil.copyfile(entry / MANIFEST, staging / MANIFEST)
             if file_table(staging) != listed:
                 raise ValueError("files differ from the entry's manifest")
@@ -107,7 +114,10 @@ class RunCache:
         tmp = self.root / stage / f".tmp.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         try:
             tmp.mkdir(parents=True)
-            link_tree(output, tmp)
+            clone_tree(output, tmp)
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    path.chmod(0o444)  # an entry is never edited, only added or removed whole
             try:
                 os.rename(tmp, entry)
             except OSError:
@@ -128,18 +138,21 @@ class RunCache:
             os.rename(entry, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
 
+    def _stage_dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return [d for d in self.root.iterdir() if d.is_dir() and not d.is_symlink() and STAGE_DIR.match(d.name)]
+
     def entries(self) -> list[tuple[float, int, Path]]:
-        """(last use, bytes, folder) of every complete entry, oldest first."""
+        """(last use, bytes, folder) of every complete entry, oldest first. An entry is a folder named
+        by a cache key (64 hex digits) under a stage's folder; nothing else is ever counted or removed."""
         found = []
-        if self.root.is_dir():
-            for stage_dir in self.root.iterdir():
-                if not stage_dir.is_dir():
+        for stage_dir in self._stage_dirs():
+            for entry in stage_dir.iterdir():
+                if not CACHE_KEY.match(entry.name) or entry.is_symlink() or not entry.is_dir():
                     continue
-                for entry in stage_dir.iterdir():
-                    if entry.name.startswith(".") or not entry.is_dir():
-                        continue
-                    with contextlib.suppress(OSError):
-                        found.append((entry.stat().st_mtime, _tree_bytes(entry), entry))
+                with contextlib.suppress(OSError):
+                    found.append((entry.stat().st_mtime, _tree_bytes(entry), entry))
         return sorted(found)
 
     def gc(self, max_bytes: int | None = None, stale_tmp_s: float = 24 * 3600) -> tuple[int, int]:
@@ -156,9 +169,12 @@ class RunCache:
             total -= size
             removed += 1
             freed += size
-        if self.root.is_dir():
-            now = time.time()
-            for leftover in self.root.glob("*/.*"):
+        now = time.time()
+        for stage_dir in self._stage_dirs():
+            # Only the names our writers and _discard use (".tmp.<host>.<pid>...", ".gone.<key>...").
+            for leftover in stage_dir.iterdir():
+                if not CACHE_LEFTOVER.match(leftover.name) or leftover.is_symlink():
+                    continue
                 with contextlib.suppress(OSError):
                     if now - leftover.stat().st_mtime > stale_tmp_s:
                         shutil.rmtree(leftover, ignore_errors=True)

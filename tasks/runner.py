@@ -15,14 +15,17 @@ from typing import Iterator
 from tasks.config import PipelineConfig
 from tasks.disk import check_free_space, is_disk_full
 from tasks.errors import PipelineError
-from tasks.manifest import manifest_digest, read_manifest, sha256_file, staged_output, write_manifest
+from tasks.manifest import manifest_digest, manifest_problem, read_manifest, sha256_file, staged_output, write_manifest
 from tasks.gpu_slots import gpu_slot, uses_gpu
+from tasks.ownership import claim
 from tasks.paths import Paths
 from tasks.provenance import record_environment
 from tasks.run_cache import RunCache, cache_key
+from tasks.workspace_lock import stage_lock
 from tasks.stages import ADAPTER_PREFIX, FINETUNE_PREFIX, config_values, stages_for, upstream_closure
 
 log = logging.getLogger("tasks")
+FILE_ONLY = {"file_only": True}  # logging ``extra``: a record for the stage log, not the terminal
 
 
 def quiet_environment() -> None:
@@ -61,7 +64,8 @@ def stage_logging(path: Path) -> Iterator[None]:
     to_term.setLevel(logging.INFO)
     # The terminal shows our own progress and everyone's warnings; libraries' info chatter (the
     # builder logs one line per node) goes to the log file only.
-    to_term.addFilter(lambda r: r.name.startswith(("tasks", "progress")) or r.levelno >= logging.WARNING)
+    to_term.addFilter(lambda r: not getattr(r, "file_only", False)
+                      and (r.name.startswith(("tasks", "progress")) or r.levelno >= logging.WARNING))
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     root.addHandler(to_file)
@@ -72,6 +76,13 @@ def stage_logging(path: Path) -> Iterator[None]:
         root.removeHandler(to_file)
         root.removeHandler(to_term)
         to_file.close()
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters: a library's error in one line."""
+    text = " ".join(str(exc).split()) or "(no message)"
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}"
 
 
 def _call_stage(name: str, cfg: PipelineConfig, paths: Paths, out: Path) -> dict:
@@ -120,6 +131,12 @@ def _call_stage(name: str, cfg: PipelineConfig, paths: Paths, out: Path) -> dict
 
 
 def run_stage(name: str, cfg: PipelineConfig, paths: Paths) -> Path:
+    claim(paths.build, "build", "build.dir", paths.root)
+    with stage_lock(paths.build):
+        return _run_stage(name, cfg, paths)
+
+
+def _run_stage(name: str, cfg: PipelineConfig, paths: Paths) -> Path:
     by_name = {s.name: s for s in stages_for(cfg)}
     stage = by_name.get(name)
     if stage is None:
@@ -128,6 +145,11 @@ def run_stage(name: str, cfg: PipelineConfig, paths: Paths) -> Path:
     for up in stage.upstream:
         if not paths.manifest(up).is_file():
             raise PipelineError(f"stage {name} needs {up} first ({paths.manifest(up)} missing); run `doit {up}`")
+    for up in stage.upstream:
+        problem = manifest_problem(paths.stage(up))
+        if problem:
+            raise PipelineError(f"stage {name} needs {up}, whose manifest cannot be trusted ({problem}); run `doit verify` "
+                                "and then `doit` to rebuild it")
     inputs = {up: manifest_digest(paths.stage(up)) for up in stage.upstream}
     files = {}
     for rel in stage.files(cfg):
@@ -161,14 +183,18 @@ def run_stage(name: str, cfg: PipelineConfig, paths: Paths) -> Path:
                         "facts": facts,
                     })
         except Exception as exc:
-            if not is_disk_full(exc):
+            # The terminal gets one line (from __main__); the log file gets the whole traceback.
+            log.error("%s failed", name, exc_info=True, extra=FILE_ONLY)
+            if isinstance(exc, PipelineError):
                 raise
-            log.debug("disk full", exc_info=True)
-            raise PipelineError(
-                f"no space left on device while building {name} in {paths.build}; its partial output was removed "
-                f"and the previous {name} output is untouched; free some space (or set build.dir to a bigger disk) "
-                "and run doit again"
-            ) from None
+            if is_disk_full(exc):
+                raise PipelineError(
+                    f"no space left on device while building {name} in {paths.build}; its partial output was removed "
+                    f"and the previous {name} output is untouched; free some space (or set build.dir to a bigger disk) "
+                    "and run doit again"
+                ) from None
+            raise PipelineError(f"stage {name} failed: {one_line(exc)}; the previous {name} output is untouched; "
+                                f"full traceback in {paths.log(name)}") from None
         if cache is not None and not restored:
             cache.store(name, key, final)
         try:

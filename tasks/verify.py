@@ -2,17 +2,18 @@
 
 doit trusts a stage while its MANIFEST.json is unchanged; a file damaged later inside the folder (disk
 fault, a stray edit) would go unnoticed. ``doit verify`` names every missing, extra or changed file,
-and for a damaged stage removes its manifest and those of every stage after it, so the next ``doit``
+and a manifest that does not parse or does not have a manifest's shape; for a damaged stage it moves
+its manifest aside (MANIFEST.stale.json), and those of every stage after it, so the next ``doit``
 rebuilds exactly those stages.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 
 from tasks.errors import PipelineError
-from tasks.manifest import MANIFEST, file_table
+from tasks.manifest import MANIFEST, STALE_MANIFEST, DamagedManifest, file_table, read_manifest
 from tasks.paths import Paths
 from tasks.stages import STAGES, Stage, upstream_closure
 
@@ -33,7 +34,11 @@ def find_damage(paths: Paths, stages: tuple[Stage, ...] = STAGES) -> dict[str, l
         folder = paths.stage(stage.name)
         if not (folder / MANIFEST).is_file():
             continue
-        listed = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
+        try:
+            listed = read_manifest(folder)["files"]
+        except (DamagedManifest, OSError) as exc:
+            damaged[stage.name] = [f"damaged {MANIFEST}: {exc}"]
+            continue
         problems = differences(listed, file_table(folder))
         if problems:
             damaged[stage.name] = problems
@@ -45,7 +50,8 @@ def verify(paths: Paths, stages: tuple[Stage, ...] = STAGES) -> dict[str, list[s
     damaged = find_damage(paths, stages)
     stale = [s.name for s in stages if s.name in damaged or set(upstream_closure(s.name, stages)) & damaged.keys()]
     for name in stale:
-        (paths.manifest(name)).unlink(missing_ok=True)
+        if paths.manifest(name).is_file():  # kept for inspection; the stage is rebuilt over it
+            os.replace(paths.manifest(name), paths.stage(name) / STALE_MANIFEST)
     for name, problems in damaged.items():
         print(f"{name}: {'; '.join(problems)}")
     if damaged:

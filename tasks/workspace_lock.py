@@ -5,18 +5,24 @@ database. The first run holds an exclusive ``flock`` on ``<build.dir>/.lock`` (r
 when the process ends, however it ends); a second run exits at once with a message naming the holder.
 Read-only doit commands (list, info, help, dumpdb) take no lock, nor does a doit started by a
 process that holds the lock for it (``PIPELINE_BUILD_LOCK_HELD=1``: `doit incontainer`).
+
+The lock must outlive doit's own process: a stage is a child process, and killing doit alone (not its
+process group) leaves the stage running. So every stage process also holds a shared lock on
+``<build.dir>/.stage-lock`` for as long as it lives, and a new doit takes the build lock only when it
+can briefly take that one exclusively, i.e. when no stage process of an earlier run is still alive.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterator
 
 from tasks.errors import PipelineError
 
-READ_ONLY_COMMANDS = {"list", "info", "help", "dumpdb", "tabcompletion", "strace"}
+READ_ONLY_COMMANDS = {"list", "info", "help", "dumpdb", "tabcompletion"}
 
 
 def doit_command(argv: list[str]) -> str:
@@ -24,7 +30,7 @@ def doit_command(argv: list[str]) -> str:
     for arg in argv[1:]:
         if arg.startswith("-") or "=" in arg:
             continue
-        return arg if arg in READ_ONLY_COMMANDS | {"run", "clean", "forget", "ignore", "reset-dep", "auto"} else "run"
+        return arg if arg in READ_ONLY_COMMANDS | {"run", "clean", "forget", "ignore", "reset-dep", "auto", "strace"} else "run"
     return "run"
 
 
@@ -44,8 +50,59 @@ def hold_build_lock(build_dir: Path) -> IO[str] | None:
             f"another doit is building {build_dir} ({holder}); wait for it to finish, or stop it, "
             "or give this run its own build.dir"
         ) from None
+    orphans = _running_stages(build_dir)
+    if orphans:
+        handle.close()
+        raise PipelineError(
+            f"a stage of an earlier doit is still running in {build_dir} ({orphans}); its doit was stopped but the "
+            "stage was not: wait for it to finish or stop it (kill the pid), then run doit again")
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}")
     handle.flush()
     return handle
+
+
+STAGE_LOCK = ".stage-lock"
+
+
+def _running_stages(build_dir: Path) -> str:
+    """'' when no stage process holds the stage lock; else which ones do (from their staging folders)."""
+    path = build_dir / STAGE_LOCK
+    if not path.exists():
+        return ""
+    with open(path, "a+", encoding="utf-8") as probe:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        except OSError:  # a filesystem without locks (some network mounts): nothing to learn here
+            return ""
+        else:
+            fcntl.flock(probe, fcntl.LOCK_UN)
+            return ""
+    alive = []
+    for staging in sorted((build_dir / ".staging").glob("*.*")):
+        stage, _, pid = staging.name.rpartition(".")
+        if pid.isdigit() and _pid_alive(int(pid)):
+            alive.append(f"{stage} pid {pid}")
+    return ", ".join(alive) or "pid unknown"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def stage_lock(build_dir: Path) -> Iterator[None]:
+    """Held (shared) by a stage process for its whole life: the build folder stays locked while it runs."""
+    with open(build_dir / STAGE_LOCK, "a+", encoding="utf-8") as handle:
+        with contextlib.suppress(OSError):  # no locks on this filesystem: the doit lock still applies
+            fcntl.flock(handle, fcntl.LOCK_SH)
+        yield

@@ -17,6 +17,7 @@ from tests.conftest import STAGES, doit, executed, make_project, manifest_digest
 
 pytestmark = pytest.mark.slow
 RESTORED = "restored from the run cache"
+KEY = "0123456789abcdef" * 4  # the shape of a real cache key (sha256 hex)
 
 
 def restored(result) -> list[str]:
@@ -74,7 +75,7 @@ def test_the_cache_can_be_turned_off(tmp_path):
 def _store(args) -> None:
     root, output, barrier = args
     barrier.wait()
-    RunCache(Path(root), 1 << 40).store("finetune", "k" * 64, Path(output))
+    RunCache(Path(root), 1 << 40).store("finetune", KEY, Path(output))
 
 
 def test_concurrent_writers_leave_one_complete_entry(built_project, tmp_path):
@@ -85,7 +86,7 @@ def test_concurrent_writers_leave_one_complete_entry(built_project, tmp_path):
         with ctx.Pool(4) as pool:
             pool.map(_store, [(str(tmp_path / "cache"), str(output), barrier)] * 4)
     entries = [p.name for p in (tmp_path / "cache/finetune").iterdir()]
-    assert entries == ["k" * 64]  # no second copy, no writer's leftovers
+    assert entries == [KEY]  # no second copy, no writer's leftovers
     entry = tmp_path / "cache/finetune" / entries[0]
     assert file_table(entry) == read_manifest(output)["files"]
 
@@ -93,8 +94,8 @@ def test_concurrent_writers_leave_one_complete_entry(built_project, tmp_path):
 def test_gc_removes_least_recently_used_entries_first(built_project, tmp_path):
     cache = RunCache(tmp_path / "cache", 1 << 40)
     for age, stage in enumerate(("export", "finetune", "quantize")):
-        cache.store(stage, "k" * 64, built_project / "build/tiny" / stage)
-        os.utime(cache.entry(stage, "k" * 64), (1_000_000 + age, 1_000_000 + age))  # export oldest
+        cache.store(stage, KEY, built_project / "build/tiny" / stage)
+        os.utime(cache.entry(stage, KEY), (1_000_000 + age, 1_000_000 + age))  # export oldest
     sizes = {e.parent.name: size for _, size, e in cache.entries()}
     removed, freed = cache.gc(max_bytes=sizes["finetune"] + sizes["quantize"])
     assert (removed, freed) == (1, sizes["export"])
