@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks.data import template_parts
 from tasks.errors import PipelineError
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -133,17 +134,14 @@ class ModelSection(Section):
 class DataSection(Section):
     path: str = "data/travel_qa.jsonl"
     template: str = LAB_TEMPLATE
+    """Training text: {prompt} and then {response}, each once; {{ and }} are literal braces (tasks/data.py)."""
     eval_fraction: float = Field(0.1, gt=0, lt=0.5)
     split_seed: int = 0
 
     @field_validator("template")
     @classmethod
-    def _template_has_fields(cls, value: str) -> str:
-        for field in ("{prompt}", "{response}"):
-            if field not in value:
-                raise ValueError(f"template must contain {field}")
-        if not value.index("{prompt}") < value.index("{response}"):
-            raise ValueError("template must place {prompt} before {response}")
+    def _template_syntax(cls, value: str) -> str:
+        template_parts(value)  # ValueError naming the stray brace or field
         return value
 
 
@@ -235,7 +233,7 @@ class AdapterData(Section):
     path: str
     """JSON-lines dataset of this adapter ({"prompt": ..., "response": ...} per line)."""
     template: str | None = None
-    """Training text template; default: data.template."""
+    """Training text template (same syntax as data.template); default: data.template."""
 
 
 class CacheSection(Section):
@@ -384,7 +382,9 @@ class PipelineConfig(Section):
             try:
                 adapter_data(self, name)
             except ValidationError as exc:
-                raise ValueError(f"adapters.{name}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+                first = exc.errors()[0]
+                where = ".".join(["adapters", name, *(str(p) for p in first["loc"])])
+                raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
         return self
 
     @model_validator(mode="after")

@@ -105,3 +105,22 @@ def test_export_targets_must_be_known_and_unique(tmp_path):
         load_config(write(tmp_path, '[export]\ntargets = ["cpu", "cpu"]\n'))
     with pytest.raises(PipelineError, match=r"export.targets"):
         load_config(write(tmp_path, '[export]\ntargets = ["tpu"]\n'))
+
+
+def test_a_stray_brace_in_the_template_is_one_config_line(tmp_path):
+    path = write(tmp_path, "")
+    for template, problem in [("<|user|>{prompt}}{response}", r"the '\}' at character 17 closes no field"),
+                              ("{prompt {response}", r"the '\{' at character 1 opens no field")]:
+        with pytest.raises(PipelineError, match=rf"^{path}: data.template: {problem}; .*write a literal brace as "
+                                                r"\{\{ or \}\}$"):
+            load_config(path, [f"data.template={template!r}"])
+    with pytest.raises(PipelineError, match=r"adapters.x.template: the '\}' at character 9 closes no field"):
+        load_config(path, ['adapters.x.path="data/travel_qa.jsonl"', 'adapters.x.template="{prompt}}{response}"'])
+
+
+def test_the_template_takes_prompt_then_response_each_once(tmp_path):
+    path = write(tmp_path, "")
+    for template in ("{response} {prompt}", "{prompt} {prompt} {response}"):
+        with pytest.raises(PipelineError, match=r"data.template: the template's fields are .*; a template is text with "
+                                                r"\{prompt\} and then \{response\}, each once"):
+            load_config(path, [f"data.template={template!r}"])
