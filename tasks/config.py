@@ -8,13 +8,16 @@ so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import json
+import math
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      field_validator, model_validator)
 
+from tasks.data import template_parts
 from tasks.errors import PipelineError
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -42,6 +45,58 @@ SHAPE_PROFILES: dict[str, dict[str, int]] = {
 PROFILES = ("tiny", "hub", *HUB_PROFILES, *SHAPE_PROFILES)
 
 
+def _shown(value: Any) -> str:
+    """A value as it was written in TOML: true, "16", 1e+23, an array."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return json.dumps(value)[:40]
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return str(value) if value.bit_length() < 64 else "a huge integer"
+    return {dict: "a table", list: "an array"}.get(type(value), f"a {type(value).__name__}")
+
+
+def _integer(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be an integer, not {_shown(value)}")
+    return value
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number, not {_shown(value)}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer past the float range
+        finite = False
+    if not finite:
+        raise ValueError(f"must be a finite number, not {_shown(value)}")
+    return value
+
+
+def at_most(limit: float, why: str) -> AfterValidator:
+    """An upper bound whose error says why: past it a size is a typo that would run for days, or fail
+    only after every stage before it ran."""
+    def check(value):
+        if value > limit:
+            raise ValueError(f"must be at most {limit:,}; {why}")
+        return value
+
+    return AfterValidator(check)
+
+
+# Strict numbers: a boolean is not an integer, a float (1e23) is not one either; a float field takes
+# an integer but never inf or nan. (Pydantic's lax mode would read true as 1.)
+Int = Annotated[int, BeforeValidator(_integer)]
+Float = Annotated[float, BeforeValidator(_finite)]
+OptionalFloat = Annotated[float | None, BeforeValidator(lambda v: v if v is None else _finite(v))]
+Seed = Annotated[Int, Field(ge=0), at_most(2**32 - 1, "seeds are 32-bit")]
+MAX_CONTEXT = 131072
+CONTEXT_WHY = f"Phi-3.5's context is {MAX_CONTEXT:,} positions"
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -51,19 +106,19 @@ class BuildSection(Section):
     """Folder that receives every stage's output (relative to the config file's folder)."""
     device: Literal["cpu", "cuda"] = "cpu"
     """Where quantize and finetune compute. The tiny profile is meant for cpu."""
-    gpu_slots: int = Field(1, ge=1, le=16)
+    gpu_slots: Int = Field(1, ge=1, le=16)
     """How many stages may compute on the GPU at once across all builds on this machine (tasks/gpu_slots.py)."""
 
 
 class TinyModel(Section):
     """A random-init Phi-3 whose config mirrors Phi-3.5-mini-instruct in every field but sizes."""
 
-    hidden_size: int = Field(256, ge=64)
-    intermediate_size: int = Field(512, ge=64)
-    num_hidden_layers: int = Field(2, ge=1, le=64)
-    num_attention_heads: int = Field(4, ge=1)
-    vocab_size: int = Field(2000, ge=300, le=32064)
-    seed: int = 0
+    hidden_size: Annotated[Int, at_most(16384, "that is over 3x Phi-3-medium's 5120")] = Field(256, ge=64)
+    intermediate_size: Annotated[Int, at_most(65536, "that is over 3x Phi-3-medium's 17920")] = Field(512, ge=64)
+    num_hidden_layers: Int = Field(2, ge=1, le=64)
+    num_attention_heads: Annotated[Int, at_most(256, "Phi-3 models have 32 or 40")] = Field(4, ge=1)
+    vocab_size: Int = Field(2000, ge=300, le=32064)
+    seed: Seed = 0
     tokenizer_corpus: str = "data/tokenizer_corpus.txt"
 
     @model_validator(mode="after")
@@ -133,17 +188,14 @@ class ModelSection(Section):
 class DataSection(Section):
     path: str = "data/travel_qa.jsonl"
     template: str = LAB_TEMPLATE
-    eval_fraction: float = Field(0.1, gt=0, lt=0.5)
-    split_seed: int = 0
+    """Training text: {prompt} and then {response}, each once; {{ and }} are literal braces (tasks/data.py)."""
+    eval_fraction: Float = Field(0.1, gt=0, lt=0.5)
+    split_seed: Seed = 0
 
     @field_validator("template")
     @classmethod
-    def _template_has_fields(cls, value: str) -> str:
-        for field in ("{prompt}", "{response}"):
-            if field not in value:
-                raise ValueError(f"template must contain {field}")
-        if not value.index("{prompt}") < value.index("{response}"):
-            raise ValueError("template must place {prompt} before {response}")
+    def _template_syntax(cls, value: str) -> str:
+        template_parts(value)  # ValueError naming the stray brace or field
         return value
 
 
@@ -153,25 +205,28 @@ class QuantizeSection(Section):
     zero_point: bool = True
     version: Literal["gemm"] = "gemm"
     calibration: str = "data/calibration.txt"
-    calibration_samples: int = Field(128, ge=1)
-    calibration_seq_len: int = Field(512, ge=16)
+    calibration_samples: Annotated[Int, at_most(4096, "AutoAWQ uses 128, and every sample's activations are kept "
+                                                "for each layer's search")] = Field(128, ge=1)
+    calibration_seq_len: Annotated[Int, at_most(MAX_CONTEXT, CONTEXT_WHY)] = Field(512, ge=16)
     search: Literal["fast", "autoawq"] = "fast"
     """Scale and clip search: "fast" (batched on the device, same choices as AutoAWQ's; see
     tasks/awq_search.py) or "autoawq" (AutoAWQ's own loops, with the CPU fix)."""
 
 
 class FinetuneSection(Section):
-    rank: int = Field(8, ge=1, le=256)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    rank: Int = Field(8, ge=1, le=256)
+    alpha: Float = Field(16.0, gt=0)
+    dropout: Float = Field(0.05, ge=0, lt=1)
     target_modules: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-    max_steps: int = Field(100, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    batch_size: int = Field(8, ge=1)
-    max_seq_len: int = Field(256, ge=16)
-    seed: int = 0
-    eval_every: int = Field(25, ge=1)
-    processes: int = Field(1, ge=1, le=64)
+    max_steps: Annotated[Int, at_most(1_000_000, "a million optimizer steps is days of training")] = Field(100, ge=1)
+    learning_rate: Annotated[Float, at_most(1.0, "training diverges far below that; LoRA uses about 1e-4 to 1e-2")] = \
+        Field(1e-3, gt=0)
+    batch_size: Annotated[Int, at_most(4096, "every step holds the whole batch's activations in memory")] = \
+        Field(8, ge=1)
+    max_seq_len: Annotated[Int, at_most(MAX_CONTEXT, CONTEXT_WHY)] = Field(256, ge=16)
+    seed: Seed = 0
+    eval_every: Annotated[Int, at_most(1_000_000, "finetune.max_steps can be at most that")] = Field(25, ge=1)
+    processes: Int = Field(1, ge=1, le=64)
     """Data-parallel training processes (torch.distributed: gloo on cpu, NCCL on cuda with one GPU each);
     the global batch stays batch_size, split across them."""
 
@@ -199,15 +254,15 @@ class ExportSection(Section):
     targets: tuple[Target, ...] = ("cpu",)
     """Execution providers to export for, from one build; each gets its own folder <target>/."""
     adapter_name: str = Field("travel", pattern=r"^[A-Za-z0-9_.-]+$")
-    check_prompts: int = Field(5, ge=1)
-    max_abs_logit_diff: float = Field(0.01, gt=0)
+    check_prompts: Annotated[Int, at_most(1000, "each prompt runs the model in both runtimes")] = Field(5, ge=1)
+    max_abs_logit_diff: Float = Field(0.01, gt=0)
     """Bound on |logits(ONNX) - logits(AWQ checkpoint)|; the stage fails past it."""
-    min_cosine: float = Field(0.99999, gt=0, le=1)
-    cuda_max_abs_logit_diff: float = Field(0.25, gt=0)
+    min_cosine: Float = Field(0.99999, gt=0, le=1)
+    cuda_max_abs_logit_diff: Float = Field(0.25, gt=0)
     """The same bound for the cuda target, which computes in fp16 (the checkpoint is compared in fp32).
     fp16 rounding grows with depth and width: the 3.8B Phi-3.5-mini shape measured 0.102 / 0.99979 on
     an H100 (BENCHMARKS.md), the tiny model 1.5e-3; a broken export is off by whole logits."""
-    cuda_min_cosine: float = Field(0.999, gt=0, le=1)
+    cuda_min_cosine: Float = Field(0.999, gt=0, le=1)
 
     @field_validator("targets")
     @classmethod
@@ -224,9 +279,11 @@ class ExportSection(Section):
 
 
 class EvaluateSection(Section):
-    prompts: int = Field(5, ge=1)
-    max_new_tokens: int = Field(40, ge=1)
-    loss_records: int = Field(16, ge=1)
+    prompts: Annotated[Int, at_most(1000, "each prompt is generated in full for every target and adapter")] = \
+        Field(5, ge=1)
+    max_new_tokens: Annotated[Int, at_most(4096, "Phi-3.5's original context is 4,096 positions")] = Field(40, ge=1)
+    loss_records: Annotated[Int, at_most(100_000, "each record is one more forward pass per adapter")] = \
+        Field(16, ge=1)
 
 
 class AdapterData(Section):
@@ -235,7 +292,7 @@ class AdapterData(Section):
     path: str
     """JSON-lines dataset of this adapter ({"prompt": ..., "response": ...} per line)."""
     template: str | None = None
-    """Training text template; default: data.template."""
+    """Training text template (same syntax as data.template); default: data.template."""
 
 
 class CacheSection(Section):
@@ -246,8 +303,8 @@ class CacheSection(Section):
     """Relative to the project root, or absolute (a shared filesystem for a team or CI). A folder the
     project creates (or finds empty) and marks; one holding other files is refused. Entries are copies
     (copy-on-write clones, free of space, where the filesystem supports them: btrfs, XFS)."""
-    max_size_gb: float = Field(50.0, gt=0)
-    """Least recently used entries are removed past this size (counted as if nothing were shared)."""
+    max_size_gb: Annotated[Float, at_most(1_000_000, "that is a petabyte")] = Field(50.0, gt=0)
+    """Least recently used entries are removed past this size (every entry counted in full)."""
 
 
 # Key names that would hold a secret: the config is committed and hashed into logs, so credentials
@@ -320,17 +377,18 @@ class ExecutorSection(Section):
     cluster at `address` (tasks/ray_executor.py; README "Scaling out")."""
     address: str | None = None
     """The Ray head, host:port (as printed by `ray start --head`). Required for kind = "ray"."""
-    parallel: int = Field(4, ge=1, le=256)
+    parallel: Int = Field(4, ge=1, le=256)
     """With kind = "ray": how many stale stages doit hands to the cluster at once (its -n)."""
-    cpus_per_stage: float = Field(1, gt=0)
+    cpus_per_stage: Annotated[Float, at_most(4096, "no node has that many CPUs, so no stage could run")] = \
+        Field(1, gt=0)
     """Ray num_cpus of a stage that computes on the CPU (a multi-process finetune asks for one per process)."""
-    memory_gb: float | None = Field(None, gt=0)
+    memory_gb: OptionalFloat = Field(None, gt=0)
     """Ray memory reservation per stage, if the cluster should not pack stages past its RAM."""
-    retries: int = Field(0, ge=0, le=10)
+    retries: Int = Field(0, ge=0, le=10)
     """Ray max_retries of a stage whose worker or node died (0: the build stops and says which node)."""
-    head_timeout_s: float = Field(30, gt=0)
+    head_timeout_s: Annotated[Float, at_most(86_400, "a day; a lost head is not coming back")] = Field(30, gt=0)
     """How long the head may stay unreachable while a stage runs before the build stops and says so."""
-    placement: dict[str, dict[str, float]] = {}
+    placement: dict[str, dict[str, Float]] = {}
     """Extra Ray resources per stage name, e.g. {finetune = {gpu_node_a = 1}}: pins a stage to the
     nodes started with that custom resource."""
 
@@ -385,7 +443,9 @@ class PipelineConfig(Section):
             try:
                 adapter_data(self, name)
             except ValidationError as exc:
-                raise ValueError(f"adapters.{name}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+                first = exc.errors()[0]
+                where = ".".join(["adapters", name, *(str(p) for p in first["loc"])])
+                raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
         return self
 
     @model_validator(mode="after")

@@ -1,12 +1,17 @@
 """The finetuning dataset: strict JSON-lines reading, the chat template and the held-out split.
 
-Every problem is reported as ``file:line: problem; fix`` before any model is touched.
+Every problem is reported as ``file:line: problem; fix`` before any model is touched. Data is data:
+a record's text fills the template's fields once and is never read as a template, and a record that
+holds a special token of the chat format (``<|end|>``, ``<|assistant|>``...) is refused rather than
+trained as a turn boundary.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,27 +69,102 @@ def load_records(path: Path) -> list[Record]:
     return records
 
 
-def check_template(template: str, path: Path, records: list[Record]) -> None:
-    """The template may only use fields that every record has."""
-    import string
+TEMPLATE_SYNTAX = ("a template is text with {prompt} and then {response}, each once; "
+                   "write a literal brace as {{ or }}")
+# A chat-template marker such as <|user|> or <|end|>: the shape Phi-3, Qwen and Llama 3 use.
+MARKER_RE = re.compile(r"<\|[^|<>\s]{1,64}\|>")
 
-    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
-    missing = sorted(fields - set(REQUIRED))
-    if missing:
-        raise PipelineError(
-            f"data.template uses field {{{missing[0]}}} which the records in {path} do not have; "
-            f"use only {{prompt}} and {{response}}"
-        )
+
+@functools.lru_cache(maxsize=64)
+def template_parts(template: str) -> tuple[tuple[str, str | None], ...]:
+    """Split a template into (literal text, field) pairs, the last with field None.
+
+    The syntax knows two fields, {prompt} and then {response}, each exactly once; ``{{`` and ``}}``
+    are literal braces. Anything else with a brace raises ValueError saying where. Rendering fills
+    each field once with the record's text, which is never read as a template itself.
+    """
+    parts: list[tuple[str, str | None]] = []
+    literal: list[str] = []
+    i = 0
+    while i < len(template):
+        char = template[i]
+        if template.startswith(char * 2, i) and char in "{}":
+            literal.append(char)
+            i += 2
+        elif char == "{":
+            end = template.find("}", i)
+            name = template[i + 1:end] if end != -1 else ""
+            if end == -1 or "{" in name:
+                raise ValueError(f"the '{{' at character {i + 1} opens no field; {TEMPLATE_SYNTAX}")
+            if name not in REQUIRED:
+                raise ValueError(f"unknown field {{{name}}} (records have only prompt and response); {TEMPLATE_SYNTAX}")
+            parts.append(("".join(literal), name))
+            literal = []
+            i = end + 1
+        elif char == "}":
+            raise ValueError(f"the '}}' at character {i + 1} closes no field; {TEMPLATE_SYNTAX}")
+        else:
+            literal.append(char)
+            i += 1
+    parts.append(("".join(literal), None))
+    if [field for _, field in parts[:-1]] != list(REQUIRED):
+        found = " ".join(f"{{{field}}}" for _, field in parts[:-1]) or "none"
+        raise ValueError(f"the template's fields are {found}; {TEMPLATE_SYNTAX}")
+    return tuple(parts)
+
+
+def check_template(template: str, key: str = "data.template") -> None:
+    """``template_parts`` as a one-line PipelineError naming the config key."""
+    try:
+        template_parts(template)
+    except ValueError as exc:
+        raise PipelineError(f"{key}: {exc}") from None
 
 
 def prompt_part(template: str, prompt: str) -> str:
-    """The template up to where the response starts: what a user sends at inference time."""
-    head = template[: template.index("{response}")]
-    return head.replace("{prompt}", prompt)
+    """The template up to where the response starts: what a user sends at inference time.
+    Always an exact prefix of ``render`` of a record with this prompt."""
+    head = []
+    for literal, field in template_parts(template):
+        head.append(literal)
+        if field == "response":
+            return "".join(head)
+        head.append(prompt)
+    raise AssertionError("template_parts guarantees a {response} field")
 
 
 def render(template: str, record: Record) -> str:
-    return template.replace("{prompt}", record.prompt).replace("{response}", record.response)
+    """The training text: each field filled once; the record's text stays plain text."""
+    values = {"prompt": record.prompt, "response": record.response, None: ""}
+    return "".join(literal + values[field] for literal, field in template_parts(template))
+
+
+def template_markers(template: str) -> set[str]:
+    """The chat markers (``<|...|>``) the template itself uses."""
+    return set(MARKER_RE.findall(template))
+
+
+def check_special_tokens(path: Path, records: list[Record], template: str, tokens=()) -> None:
+    """Refuse a record whose text holds a special token: the tokenizer would encode it as the real
+    token, so a record could end its turn or open another one (and the loss mask would no longer
+    match). Checked are the template's own ``<|...|>`` markers plus ``tokens``: the tokenizer's
+    special and added tokens where they are known (the built-in profiles' at check time, the loaded
+    tokenizer's in finetune)."""
+    own = template_markers(template)
+    known = sorted(own | {t for t in tokens if t}, key=len, reverse=True)
+    if not known:
+        return
+    pattern = re.compile("|".join(re.escape(t) for t in known))
+    for record in sorted(records, key=lambda r: r.line):
+        for field in REQUIRED:
+            found = pattern.search(getattr(record, field))
+            if found:
+                token = found.group()
+                where = "the chat template" if token in own else "the model's tokenizer"
+                raise PipelineError(
+                    f"{path}:{record.line}: field {field!r} holds the special token {token!r} of {where}; "
+                    "remove or reword it (record text is trained as plain text, and a special token would "
+                    "end or open a chat turn)")
 
 
 def split(records: list[Record], eval_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
@@ -97,9 +177,12 @@ def split(records: list[Record], eval_fraction: float, seed: int) -> tuple[list[
     return [records[i] for i in train], [records[i] for i in held]
 
 
-def load_dataset(path: Path, template: str, eval_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+def load_dataset(path: Path, template: str, eval_fraction: float, seed: int,
+                 special_tokens=()) -> tuple[list[Record], list[Record]]:
+    """Records, checked against the template and ``special_tokens`` (see check_special_tokens), split."""
+    check_template(template)
     records = load_records(path)
-    check_template(template, path, records)
+    check_special_tokens(path, records, template, special_tokens)
     return split(records, eval_fraction, seed)
 
 

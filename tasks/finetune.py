@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tasks.awq_twin import load_float_twin
 from tasks.config import DataSection, FinetuneSection
-from tasks.data import Record, load_dataset, prompt_part, render
+from tasks.data import Record, check_special_tokens, load_dataset, prompt_part, render
 from tasks.progress import step_progress
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,11 @@ def encode(tokenizer, template: str, record: Record, max_len: int) -> tuple[list
     n_prompt = min(len(prompt_ids), len(full_ids))
     labels = [-100] * n_prompt + full_ids[n_prompt:]
     return full_ids, labels
+
+
+def tokenizer_special_tokens(tokenizer) -> set[str]:
+    """Every token the tokenizer matches in raw text as one id: its special and added tokens."""
+    return set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
@@ -124,6 +129,8 @@ def train(awq_dir: Path, data: DataSection, section: FinetuneSection, dataset: P
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     tokenizer = AutoTokenizer.from_pretrained(awq_dir)
+    # check saw the chat template's markers; this tokenizer may have more (e.g. a Hub model's </s>)
+    check_special_tokens(dataset, train + held, data.template, tokenizer_special_tokens(tokenizer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_ex = [encode(tokenizer, data.template, r, section.max_seq_len) for r in train]
     held_ex = [encode(tokenizer, data.template, r, section.max_seq_len) for r in held]

@@ -10,12 +10,13 @@ from tasks.paths import Paths
 
 def preflight(cfg: PipelineConfig, paths: Paths) -> None:
     """Raise PipelineError naming the first problem; return quietly when everything is usable."""
+    tokens = known_special_tokens(cfg)
     load_dataset(paths.check_input("data.path", cfg.data.path), cfg.data.template, cfg.data.eval_fraction,
-                 cfg.data.split_seed)
+                 cfg.data.split_seed, tokens)
     for name in sorted(cfg.adapters):
         spec = adapter_data(cfg, name)
         load_dataset(paths.check_input(f"adapters.{name}.path", spec.path), spec.template, spec.eval_fraction,
-                     spec.split_seed)
+                     spec.split_seed, tokens)
     named = {"quantize.calibration": cfg.quantize.calibration}
     if not cfg.model.hub_source:
         named["model.tiny.tokenizer_corpus"] = cfg.model.tiny.tokenizer_corpus
@@ -38,6 +39,18 @@ def preflight(cfg: PipelineConfig, paths: Paths) -> None:
         from tasks.ray_executor import check_placement_names
 
         check_placement_names(cfg)  # a typo'd stage name would otherwise pin nothing, silently
+
+
+def known_special_tokens(cfg: PipelineConfig) -> tuple[str, ...]:
+    """Special tokens a record must not hold, known without loading a tokenizer: Phi-3.5's own for the
+    built-in profiles (tiny, the shape profile and the pinned Phi-3.5-mini all use them); none for
+    another Hub model. The template's own <|...|> markers are always checked too, and finetune checks
+    again against the loaded tokenizer's special and added tokens."""
+    if cfg.model.profile == "hub":
+        return ()
+    from tasks.base_model import SPECIAL_TOKENS
+
+    return tuple(SPECIAL_TOKENS)
 
 
 def check_runtime_variant(cfg: PipelineConfig) -> None:

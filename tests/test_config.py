@@ -1,12 +1,15 @@
 """The configuration file: typed, validated, one-line errors, command-line overrides."""
 
+import subprocess
+import sys
+
 import pytest
 
 from tasks.config import load_config
 from tasks.errors import PipelineError
 from tasks.stages import BY_NAME, config_fingerprint
 
-from conftest import REPO
+from conftest import REPO, make_project
 
 
 def write(tmp_path, text):
@@ -105,3 +108,69 @@ def test_export_targets_must_be_known_and_unique(tmp_path):
         load_config(write(tmp_path, '[export]\ntargets = ["cpu", "cpu"]\n'))
     with pytest.raises(PipelineError, match=r"export.targets"):
         load_config(write(tmp_path, '[export]\ntargets = ["tpu"]\n'))
+
+
+def test_a_stray_brace_in_the_template_is_one_config_line(tmp_path):
+    path = write(tmp_path, "")
+    for template, problem in [("<|user|>{prompt}}{response}", r"the '\}' at character 17 closes no field"),
+                              ("{prompt {response}", r"the '\{' at character 1 opens no field")]:
+        with pytest.raises(PipelineError, match=rf"^{path}: data.template: {problem}; .*write a literal brace as "
+                                                r"\{\{ or \}\}$"):
+            load_config(path, [f"data.template={template!r}"])
+    with pytest.raises(PipelineError, match=r"adapters.x.template: the '\}' at character 9 closes no field"):
+        load_config(path, ['adapters.x.path="data/travel_qa.jsonl"', 'adapters.x.template="{prompt}}{response}"'])
+
+
+def test_the_template_takes_prompt_then_response_each_once(tmp_path):
+    path = write(tmp_path, "")
+    for template in ("{response} {prompt}", "{prompt} {prompt} {response}"):
+        with pytest.raises(PipelineError, match=r"data.template: the template's fields are .*; a template is text with "
+                                                r"\{prompt\} and then \{response\}, each once"):
+            load_config(path, [f"data.template={template!r}"])
+
+
+def test_a_boolean_is_not_an_integer(tmp_path):
+    path = write(tmp_path, "[finetune]\nrank = true\n")
+    with pytest.raises(PipelineError, match=rf"^{path}: finetune.rank: must be an integer, not true$"):
+        load_config(path)
+    with pytest.raises(PipelineError, match=r"finetune.alpha: must be a number, not true"):
+        load_config(write(tmp_path, ""), ["finetune.alpha=true"])
+
+
+def test_a_float_is_not_an_integer_even_a_whole_one(tmp_path):
+    path = write(tmp_path, "")
+    with pytest.raises(PipelineError, match=r"finetune.max_steps: must be an integer, not 1e\+23"):
+        load_config(path, ["finetune.max_steps=1e23"])
+    with pytest.raises(PipelineError, match=r"finetune.rank: must be an integer, not 16.0"):
+        load_config(path, ["finetune.rank=16.0"])
+
+
+def test_an_integer_is_a_valid_float(tmp_path):
+    cfg = load_config(write(tmp_path, ""), ["finetune.alpha=32", "cache.max_size_gb=2"])
+    assert cfg.finetune.alpha == 32.0 and isinstance(cfg.finetune.alpha, float) and cfg.cache.max_size_gb == 2.0
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_infinite_learning_rate_is_refused(tmp_path, value):
+    with pytest.raises(PipelineError, match=rf"finetune.learning_rate: must be a finite number, not {value}$"):
+        load_config(write(tmp_path, ""), [f"finetune.learning_rate={value}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("finetune.max_steps=10000000", r"finetune.max_steps: must be at most 1,000,000; a million optimizer steps"),
+    ("evaluate.max_new_tokens=1000000000000", r"evaluate.max_new_tokens: must be at most 4,096; Phi-3.5's original "
+                                              r"context is 4,096 positions"),
+    ("finetune.learning_rate=3", r"finetune.learning_rate: must be at most 1.0; training diverges"),
+    ("finetune.max_seq_len=1000000", r"finetune.max_seq_len: must be at most 131,072; Phi-3.5's context"),
+])
+def test_absurd_max_steps_is_refused_with_the_reason(tmp_path, override, message):
+    with pytest.raises(PipelineError, match=message):
+        load_config(write(tmp_path, ""), [override])
+
+
+def test_a_bad_value_fails_the_check_in_one_line_with_exit_code_2(tmp_path):
+    project = make_project(tmp_path / "project")
+    result = subprocess.run([sys.executable, "-m", "tasks", "check", "--set", "finetune.rank=true"], cwd=project,
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "error: pipeline.toml: finetune.rank: must be an integer, not true\n"
