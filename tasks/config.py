@@ -103,7 +103,9 @@ class Section(BaseModel):
 
 class BuildSection(Section):
     dir: str = "build/tiny"
-    """Folder that receives every stage's output (relative to the config file's folder)."""
+    """Folder that receives every stage's output (relative to the project folder, or absolute). The build
+    owns it: a new or empty folder is marked as a build folder; one holding other files, a system or
+    home folder and the project folder or one above it are refused (tasks/ownership.py)."""
     device: Literal["cpu", "cuda"] = "cpu"
     """Where quantize and finetune compute. The tiny profile is meant for cpu."""
     gpu_slots: Int = Field(1, ge=1, le=16)
