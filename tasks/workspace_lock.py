@@ -38,8 +38,12 @@ def hold_build_lock(build_dir: Path) -> IO[str] | None:
     """Take the build folder's lock or raise PipelineError naming the process that has it."""
     if os.environ.get("PIPELINE_BUILD_LOCK_HELD") == "1":
         return None
-    build_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(build_dir / ".lock", "a+", encoding="utf-8")
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(build_dir / ".lock", "a+", encoding="utf-8")
+    except OSError as exc:
+        raise PipelineError(f"build.dir = {build_dir}: cannot take the build lock ({exc.strerror or exc}); a build "
+                            "writes there: make the folder writable or choose another build.dir") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

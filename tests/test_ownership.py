@@ -4,6 +4,7 @@ nothing else is ever replaced, collected or adopted. Fast: no model is built her
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -127,3 +128,39 @@ def test_doit_refuses_a_build_dir_holding_other_files_in_one_line_before_anythin
     home = doit(project, "check", f"cache.dir={Path.home()}", check=False)
     assert home.returncode != 0 and "cache.dir" in home.stderr and "your home folder" in home.stderr
     assert "Traceback" not in home.stderr
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder on a read-only mount (root ignores permission bits, not a read-only filesystem)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip()}); needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def remount_read_only(folder: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+
+
+def test_a_read_only_build_folder_is_one_line_for_doit_and_verify(tmp_path, read_only_folder):
+    project = make_project(tmp_path / "project")
+    remount_read_only(read_only_folder)
+    for args in (["list"], ["verify"], []):
+        result = doit(project, *args, f"build.dir={read_only_folder}", check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout, args
+        assert "Read-only file system" in result.stderr and "build.dir" in result.stderr
+
+
+def test_a_read_only_build_folder_of_this_project_is_one_line_at_the_lock(tmp_path, read_only_folder):
+    project = make_project(tmp_path / "project")
+    claim(read_only_folder, "build", "build.dir", project)
+    remount_read_only(read_only_folder)
+    result = doit(project, "verify", f"build.dir={read_only_folder}", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
+    assert "cannot take the build lock (Read-only file system)" in result.stderr
