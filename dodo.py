@@ -26,6 +26,7 @@ from tasks.errors import PipelineError
 from tasks.manifest import manifest_problem
 from tasks.ownership import claim
 from tasks.paths import Paths
+from tasks.secrets import redact
 from tasks.stages import COMMON_CODE, config_fingerprint, stages_for
 from tasks.workspace_lock import READ_ONLY_COMMANDS, doit_command, hold_build_lock
 
@@ -89,9 +90,11 @@ def _input_stamp() -> str:
 
 def task_check():
     """Validate the dataset and input files before any stage runs."""
+    # doit keeps this string as it is in its state file: [publish] (read by no check or stage) stays out,
+    # and anything credential-shaped left is masked (tasks/secrets.py).
     return {
         "actions": [STAGE_CMD + ["check"] + CONFIG_ARGS],
-        "uptodate": [config_changed(CFG.model_dump_json() + _input_stamp())],
+        "uptodate": [config_changed(redact(CFG.model_dump_json(exclude={"publish"}) + _input_stamp()))],
         "verbosity": 2,
     }
 

@@ -13,6 +13,17 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tasks.errors import PipelineError
+from tasks.secrets import redact
+
+
+def _redacted_traceback(kind, value, tb) -> None:
+    """A bug still shows its traceback, with any credential in it (a URI, a header) masked."""
+    import traceback
+
+    sys.stderr.write(redact("".join(traceback.format_exception(kind, value, tb))))
+
+
+sys.excepthook = _redacted_traceback
 
 
 def main(argv: list[str] | None = None) -> int:

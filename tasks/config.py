@@ -314,6 +314,39 @@ class CacheSection(Section):
 SECRET_KEY_RE = re.compile(r"(token|password|secret|api_?key|credential)", re.IGNORECASE)
 
 
+# Tracking URIs the MLflow registry is used through: a tracking server (http/https, as `mlflow server`
+# runs it), Databricks, or an Azure ML workspace (its azureml:// URI, with the azureml-mlflow plugin).
+# Not file:// or a bare path: MLflow 3 keeps its file store in maintenance mode and refuses it.
+MLFLOW_SCHEMES = ("http", "https", "databricks", "azureml")
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """Why MLflow cannot be used through ``uri`` as given, or None. Never quotes the URI: it may hold a secret."""
+    from urllib.parse import urlsplit
+
+    from tasks.secrets import uri_credentials
+
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 (raises on a malformed port)
+    except ValueError:
+        return "is not a valid URI; write e.g. http://mlflow.internal:5000"
+    found = uri_credentials(uri)
+    if found:
+        return (f"holds a credential ({', '.join(found)}); remove it from the URI and set MLFLOW_TRACKING_TOKEN "
+                "(or MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD) in the environment instead")
+    scheme = parts.scheme.lower() or ("databricks" if uri == "databricks" else "")
+    if scheme == "file" or not scheme:
+        return ("names a local file store, which MLflow keeps in maintenance mode and refuses; run `mlflow server "
+                "--backend-store-uri sqlite:///mlflow.db` and use its http:// URI (supported: "
+                f"{', '.join(MLFLOW_SCHEMES)})")
+    if scheme not in MLFLOW_SCHEMES:
+        return f"has the unsupported scheme {scheme!r}; use one of {', '.join(MLFLOW_SCHEMES)} (e.g. http://HOST:5000)"
+    if scheme in ("http", "https") and not parts.hostname:
+        return "names no host; write e.g. http://mlflow.internal:5000"
+    return None
+
+
 class MlflowRegistry(Section):
     tracking_uri: str = ""
     """MLflow tracking server (or an Azure ML workspace's MLflow URI); empty: $MLFLOW_TRACKING_URI."""
@@ -322,12 +355,10 @@ class MlflowRegistry(Section):
 
     @field_validator("tracking_uri")
     @classmethod
-    def _no_userinfo(cls, value: str) -> str:
-        from urllib.parse import urlsplit
-
-        if value and (urlsplit(value).username or urlsplit(value).password):
-            raise ValueError("credentials in the tracking URI; remove them and set MLFLOW_TRACKING_USERNAME/"
-                             "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN in the environment instead")
+    def _usable_without_secrets(cls, value: str) -> str:
+        problem = tracking_uri_problem(value) if value else None
+        if problem:
+            raise ValueError(f"the tracking URI {problem}")
         return value
 
 
@@ -347,6 +378,11 @@ class HfHubRegistry(Section):
     """Branch that receives one commit per published version."""
 
 
+# The Azure ML REST API's pattern for a model name (ModelVersions create, api-version 2023-04-01 and
+# later; azure-ai-ml sends names unchecked, so the service is where it applies).
+AZUREML_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9\-_]{0,254}")
+
+
 class PublishSection(Section):
     """Where ``doit publish`` registers the finished package; read by publish/fetch only, never by a stage."""
 
@@ -359,14 +395,24 @@ class PublishSection(Section):
 
     @model_validator(mode="after")
     def _name_fits_registry(self) -> "PublishSection":
+        """Names every registry refuses, and the Hub's and Azure ML's own rules (cheap to check here; MLflow's
+        rules are checked with MLflow's own validator when publish opens the registry, before any upload)."""
         if any(c in self.name for c in "'\"\\") or not self.name.isprintable():
             raise ValueError(f"publish.name {self.name!r} holds quotes, backslashes or control characters; "
                              "use letters, digits, '-', '_', '.'")
-        if self.registry == "hf" and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", self.name):
-            raise ValueError(f"publish.name {self.name!r} is not a Hub repository id; write owner/name")
-        if self.registry == "azureml" and not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,254}", self.name):
-            raise ValueError(f"publish.name {self.name!r} is not a valid Azure ML model name "
-                             "(letters, digits, '_', '-', '.'; starting with a letter or digit)")
+        if self.registry == "hf":
+            from huggingface_hub.errors import HFValidationError
+            from huggingface_hub.utils import validate_repo_id
+
+            try:
+                validate_repo_id(self.name)
+            except HFValidationError as exc:
+                raise ValueError(f"publish.name is not a Hub repository id: {exc}") from None
+            if "/" not in self.name:
+                raise ValueError(f"publish.name {self.name!r} is not a Hub repository id; write owner/name")
+        if self.registry == "azureml" and not AZUREML_NAME_RE.fullmatch(self.name):
+            raise ValueError(f"publish.name {self.name!r} is not a valid Azure ML model name (letters, digits, '-', "
+                             "'_'; starting with a letter or digit; at most 255 characters)")
         return self
 
 

@@ -24,6 +24,7 @@ from tasks.config import PipelineConfig, PublishSection
 from tasks.errors import PipelineError
 from tasks.paths import Paths
 from tasks.registries import Registry, Version, open_registry
+from tasks.secrets import RedactingFormatter, redact
 
 log = logging.getLogger("tasks.publish")
 
@@ -38,6 +39,9 @@ class Published:
 
 def publish(paths: Paths, cfg: PipelineConfig, registry: Registry | None = None) -> Published:
     """Register the build in ``paths`` as a new version of ``cfg.publish.name`` (or name the existing one)."""
+    # Opening a registry checks its URI and names against the registry's own rules without any network
+    # call: a name it would refuse is refused before the package is even hashed, let alone uploaded.
+    registry = registry or open_registry(cfg.publish)
     staging = paths.build / ".staging" / f"publish.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -46,7 +50,6 @@ def publish(paths: Paths, cfg: PipelineConfig, registry: Registry | None = None)
         bundle.mkdir()
         record = make_bundle(paths, cfg, bundle)
         digest = record["package_sha256"]
-        registry = registry or open_registry(cfg.publish)
         existing = registry.find(digest)
         if existing is not None:
             log.info("package %s is already registered as version %s (%s); nothing uploaded",
@@ -102,7 +105,7 @@ def fetch(section: PublishSection, version: str, dest: Path, registry: Registry 
 
 def _logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("  %(message)s"))
+    handler.setFormatter(RedactingFormatter("  %(message)s"))
     logger = logging.getLogger("tasks")
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
@@ -112,8 +115,8 @@ def main_publish(paths: Paths, cfg: PipelineConfig) -> int:
     _logging()
     result = publish(paths, cfg)
     state = "registered" if result.created else "already registered, nothing new"
-    print(f"publish: {cfg.publish.name} version {result.version} ({state}); package sha256 {result.package_sha256}; "
-          f"{result.where}")
+    print(redact(f"publish: {cfg.publish.name} version {result.version} ({state}); package sha256 "
+                 f"{result.package_sha256}; {result.where}"))
     return 0
 
 
@@ -123,7 +126,7 @@ def main_versions(cfg: PipelineConfig) -> int:
     if not found:
         print(f"no versions of {cfg.publish.name} registered")
     for v in found:
-        print(f"{v.version}\t{v.package_sha256 or '-'}\t{v.detail}")
+        print(redact(f"{v.version}\t{v.package_sha256 or '-'}\t{v.detail}"))
     return 0
 
 

@@ -4,7 +4,7 @@ Azure ML (azure-ai-ml SDK, as the lab's `az ml model create`) and the Hugging Fa
 Every registry stores the package digest with each version (tag ``package_sha256``), which makes
 publishing idempotent and lets a download be checked against what was registered. Credentials are
 read by each client library from the environment (or its own login cache); nothing here accepts,
-logs or writes them:
+logs or writes them (every error line and log line goes through tasks.secrets.redact as well):
 
     mlflow   MLFLOW_TRACKING_URI, MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/_PASSWORD
     azureml  AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP, AZUREML_WORKSPACE_NAME, and whatever
@@ -20,10 +20,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
-from urllib.parse import urlsplit
 
-from tasks.config import PublishSection
+from tasks.config import PublishSection, tracking_uri_problem
 from tasks.errors import PipelineError
+from tasks.secrets import redact
 
 log = logging.getLogger("tasks.publish")
 DIGEST_TAG = "package_sha256"
@@ -84,7 +84,7 @@ def _env(name: str) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    text = redact(str(exc)).strip().splitlines()  # redacted before it is cut: a cut token would go unrecognised
     return text[0][:300] if text else type(exc).__name__
 
 
@@ -99,6 +99,26 @@ def reported(prefix: str, what: str, errors: tuple[type[BaseException], ...], fn
 # --- MLflow ------------------------------------------------------------------------------------
 
 
+def check_mlflow_names(name: str, experiment: str) -> None:
+    """Refuse, before anything is uploaded, a model or experiment name the MLflow server would refuse
+    only once the upload is done: MLflow's own validators, and its SQL schema's length of a model name."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.model_registry.dbmodels.models import SqlRegisteredModel
+    from mlflow.utils.validation import _validate_experiment_name, _validate_model_name
+
+    longest = SqlRegisteredModel.__table__.c.name.type.length
+    if len(name) > longest:
+        raise PipelineError(f"publish.name is {len(name)} characters; an MLflow registered model name holds at most "
+                            f"{longest}: choose a shorter one")
+    for key, check, value in (("publish.name", _validate_model_name, name),
+                              ("publish.mlflow.experiment", _validate_experiment_name, experiment)):
+        try:
+            check(value)
+        except MlflowException as exc:
+            raise PipelineError(f"{key} {value!r} is refused by MLflow ({_one_line(exc)}); choose another "
+                                "(letters, digits, '-', '_', '.')") from None
+
+
 class MlflowModelRegistry:
     """MLflow Model Registry: one run per new version (the bundle is its artifact ``package/``), and a
     model version whose source is that artifact folder."""
@@ -108,26 +128,32 @@ class MlflowModelRegistry:
         if not uri:
             raise PipelineError("no MLflow tracking server named: set publish.mlflow.tracking_uri in the config or "
                                 "MLFLOW_TRACKING_URI in the environment")
-        parts = urlsplit(uri)
-        if parts.username or parts.password:
-            raise PipelineError("MLFLOW_TRACKING_URI holds credentials; remove them from the URI and set "
-                                "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")
+        problem = tracking_uri_problem(uri)
+        if problem:
+            source = "publish.mlflow.tracking_uri" if section.mlflow.tracking_uri else "MLFLOW_TRACKING_URI"
+            raise PipelineError(f"{source}: the tracking URI {problem}")
         # MLflow's own default retries a dead server for minutes; a publish should fail in seconds.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
         from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
 
         self.name = section.name
         self.experiment = section.mlflow.experiment
+        check_mlflow_names(self.name, self.experiment)
         self.uri = uri
-        self.where = f"MLflow registry at {uri}, model {self.name!r}"
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self.shown = redact(uri)  # what error and log lines name
+        self.where = f"MLflow registry at {self.shown}, model {self.name!r}"
+        try:  # no network yet: MLflow only picks the store for the URI's scheme (a plugin's may be missing)
+            self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        except MlflowException as exc:
+            raise PipelineError(f"MLflow cannot use the tracking URI {self.shown}: {_one_line(exc)}") from None
 
     def _call(self, what: str, fn, *args, **kwargs):
         from mlflow.exceptions import MlflowException
         from requests.exceptions import RequestException
 
-        return reported(f"MLflow at {self.uri}", what, (MlflowException, RequestException, OSError), fn, *args, **kwargs)
+        return reported(f"MLflow at {self.shown}", what, (MlflowException, RequestException, OSError), fn, *args, **kwargs)
 
     def _search(self, extra: str = "") -> list:
         query = f"name = '{self.name}'" + (f" and {extra}" if extra else "")
@@ -149,6 +175,8 @@ class MlflowModelRegistry:
         run = self._call("starting a run", client.create_run, experiment_id,
                          tags={"mlflow.runName": f"publish {record['package_sha256'][:12]}", **tags})
         run_id = run.info.run_id
+        # The run ends FINISHED only once its model version exists: a failed or interrupted upload or
+        # registration leaves a FAILED run and no version (find() and fetch see READY versions only).
         try:
             files = list(bundle_files(bundle))
             total = sum(p.stat().st_size for p, _ in files)
@@ -159,22 +187,22 @@ class MlflowModelRegistry:
                            "package" + (f"/{parent}" if parent else ""))
                 sent += path.stat().st_size
                 log.info("  uploaded %d/%d %s (%.1f of %.1f MB)", index, len(files), rel, sent / 1e6, total / 1e6)
-            client.set_terminated(run_id, "FINISHED")
+            try:
+                client.create_registered_model(self.name, description="On-device LLM packages (ONNX Runtime GenAI)")
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise PipelineError(f"MLflow at {self.shown}: creating model {self.name!r} failed: "
+                                        f"{_one_line(exc)}") from None
+            created = self._call("creating the model version", client.create_model_version, self.name,
+                                 f"{run.info.artifact_uri}/package", run_id=run_id, tags=tags,
+                                 description=description(record))
+            self._call("marking the run finished", client.set_terminated, run_id, "FINISHED")
         except BaseException:
-            # Nothing gets registered from a partial upload; the run stays, marked FAILED.
             try:
                 client.set_terminated(run_id, "FAILED")
-            except Exception:  # noqa: BLE001 (the upload error is the one to report)
+            except Exception:  # noqa: BLE001 (the first error is the one to report)
                 pass
             raise
-        try:
-            client.create_registered_model(self.name, description="On-device LLM packages (ONNX Runtime GenAI)")
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise PipelineError(f"MLflow at {self.uri}: creating model {self.name!r} failed: {_one_line(exc)}") from None
-        created = self._call("creating the model version", client.create_model_version, self.name,
-                             f"{run.info.artifact_uri}/package", run_id=run_id, tags=tags,
-                             description=description(record))
         return created.version
 
     def versions(self) -> list[Version]:
@@ -185,14 +213,14 @@ class MlflowModelRegistry:
         if version == "latest":
             found = [v for v in self._search() if v.status == "READY"]
             if not found:
-                raise PipelineError(f"no versions of {self.name!r} are registered at {self.uri}; run `doit publish` first")
+                raise PipelineError(f"no versions of {self.name!r} are registered at {self.shown}; run `doit publish` first")
             return max(found, key=lambda v: int(v.version))
         from mlflow.exceptions import MlflowException
 
         try:
             return self.client.get_model_version(self.name, version)
         except MlflowException:
-            raise PipelineError(f"{self.name!r} has no version {version} at {self.uri}; `doit versions` lists them") from None
+            raise PipelineError(f"{self.name!r} has no version {version} at {self.shown}; `doit versions` lists them") from None
 
     def download(self, version: str, dest: Path) -> tuple[str, str | None]:
         import mlflow.artifacts
@@ -255,10 +283,13 @@ class AzureMLModelRegistry:
     def _all(self) -> list:
         from azure.core.exceptions import ResourceNotFoundError
 
-        try:
-            return list(self._call("listing versions", self.client.models.list, name=self.name))
-        except ResourceNotFoundError:
-            return []
+        def listed() -> list:  # the SDK's list is lazy: its requests (and their errors) come while iterating
+            try:
+                return list(self.client.models.list(name=self.name))
+            except ResourceNotFoundError:
+                return []
+
+        return self._call("listing versions", listed)
 
     def find(self, package_sha256: str) -> str | None:
         found = [m.version for m in self._all() if (m.tags or {}).get(DIGEST_TAG) == package_sha256]
@@ -321,10 +352,19 @@ class HfHubRegistry:
         self.api = HfApi()
 
     def _call(self, what: str, fn, *args, **kwargs):
-        from huggingface_hub.errors import HfHubHTTPError
-        from requests.exceptions import RequestException
+        import importlib
 
-        return reported(self.where, what, (HfHubHTTPError, RequestException, OSError, ValueError), fn, *args, **kwargs)
+        from huggingface_hub.errors import HfHubHTTPError
+
+        errors: list[type[BaseException]] = [HfHubHTTPError, OSError, ValueError]
+        # The HTTP client's own errors (a refused connection, a timeout): httpx2 in this lock, httpx or
+        # requests in other huggingface_hub releases.
+        for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests.exceptions", "RequestException")):
+            try:
+                errors.append(getattr(importlib.import_module(module), name))
+            except ImportError:
+                continue
+        return reported(self.where, what, tuple(errors), fn, *args, **kwargs)
 
     def _tags(self) -> list[str]:
         from huggingface_hub.errors import RepositoryNotFoundError

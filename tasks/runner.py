@@ -21,6 +21,7 @@ from tasks.ownership import claim
 from tasks.paths import Paths
 from tasks.provenance import record_environment
 from tasks.run_cache import RunCache, cache_key
+from tasks.secrets import RedactingFormatter
 from tasks.workspace_lock import stage_lock
 from tasks.stages import ADAPTER_PREFIX, FINETUNE_PREFIX, config_values, stages_for, upstream_closure
 
@@ -53,14 +54,15 @@ class LogFileHandler(logging.FileHandler):
 
 @contextlib.contextmanager
 def stage_logging(path: Path) -> Iterator[None]:
-    """Log to the terminal (info) and to the stage's log file (debug, overwritten per run)."""
+    """Log to the terminal (info) and to the stage's log file (debug, overwritten per run); every line
+    goes through tasks.secrets.redact (a library may log a URL with a token in it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    fmt = RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     to_file = LogFileHandler(path, mode="w", encoding="utf-8")
     to_file.setFormatter(fmt)
     to_file.setLevel(logging.DEBUG)
     to_term = logging.StreamHandler(sys.stderr)
-    to_term.setFormatter(logging.Formatter("  %(message)s"))
+    to_term.setFormatter(RedactingFormatter("  %(message)s"))
     to_term.setLevel(logging.INFO)
     # The terminal shows our own progress and everyone's warnings; libraries' info chatter (the
     # builder logs one line per node) goes to the log file only.

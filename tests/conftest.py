@@ -32,8 +32,10 @@ def make_project(dst: Path) -> Path:
     return dst
 
 
-def doit(project: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+def doit(project: Path, *args: str, check: bool = True, timeout: int = 900,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``doit ARGS`` in ``project``, offline; ``env`` adds to (or overrides) the environment."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", **(env or {})}
     result = subprocess.run([sys.executable, "-m", "doit", *args], cwd=project, capture_output=True,
                             text=True, env=env, timeout=timeout)
     if check and result.returncode != 0:

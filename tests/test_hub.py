@@ -32,10 +32,11 @@ def make_hub_cache(model_dir, hf_home):
     (repo / "refs" / "main").write_text(REVISION)
 
 
-def run_base(project, hf_home, revision=REVISION, *settings):
-    """The base stage of a Hub-profile build from the local cache, offline; extra settings as KEY=VALUE."""
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("HF_TOKEN", None)
+def run_base(project, hf_home, revision=REVISION, *settings, env=None):
+    """The base stage of a Hub-profile build from the local cache, offline; extra settings as KEY=VALUE,
+    ``env`` added to the environment (which otherwise holds no HF_TOKEN)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "HF_TOKEN"}, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1",
+           "PYTHONWARNINGS": "ignore", **(env or {})}
     overrides = ["model.profile=hub", f"model.repo_id={REPO_ID}", f"model.revision={revision}", "build.dir=build/hub",
                  *settings]
     return subprocess.run(
@@ -62,3 +63,14 @@ def test_hub_commit_missing_from_the_cache_offline_is_one_clear_line(project_cop
     assert len(errors) == 1 and "not in the local HF cache" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not (project_copy / "build/hub/base").exists()
+
+
+def test_a_hub_token_never_reaches_the_build_its_logs_or_its_output(project_copy, tmp_path):
+    token = "hf_FAKE0123456789abcdef"
+    make_hub_cache(project_copy / "build/tiny/base", tmp_path / "hf")
+    result = run_base(project_copy, tmp_path / "hf", REVISION, env={"HF_TOKEN": token})
+    assert result.returncode == 0, result.stderr
+    assert token not in result.stdout + result.stderr
+    built = project_copy / "build/hub"
+    assert (built / "logs/base.log").is_file() and (built / "base/MANIFEST.json").is_file()
+    assert [p for p in built.rglob("*") if p.is_file() and token.encode() in p.read_bytes()] == []

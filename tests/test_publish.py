@@ -163,26 +163,127 @@ def test_fetch_never_writes_into_an_existing_folder(built_project, mlflow_server
     assert [p.name for p in dest.iterdir()] == ["notes.txt"]
 
 
-def test_credentials_come_from_the_environment_and_are_written_nowhere(built_project, mlflow_server, tmp_path):
-    canary = "canary-token-5f1d7c2b"
-    env_before = os.environ.get("MLFLOW_TRACKING_TOKEN")
-    os.environ["MLFLOW_TRACKING_TOKEN"] = canary  # the loopback server ignores it; the client sends it
-    try:
-        args = publish_args(mlflow_server, "secret-check")
-        doit(built_project, "publish", *args)
-        doit(built_project, "fetch-package", "--to", str(tmp_path / "fetched"), *args)
-    finally:
-        if env_before is None:
-            os.environ.pop("MLFLOW_TRACKING_TOKEN")
-        else:
-            os.environ["MLFLOW_TRACKING_TOKEN"] = env_before
-    for folder in (built_project / "build", mlflow_server["root"], tmp_path):
-        for path in folder.rglob("*"):
-            if path.is_file():
-                assert canary.encode() not in path.read_bytes(), path
+# Fake credentials, as each registry's client reads them from the environment.
+FAKE_TOKENS = {"HF_TOKEN": "hf_FAKE0123456789abcdef", "MLFLOW_TRACKING_TOKEN": "mlflow-FAKE-5f1d7c2b9e",
+               "AZURE_CLIENT_SECRET": "azure~FAKE.5f1d7c2b9e", "MLFLOW_TRACKING_PASSWORD": "pw-FAKE-5f1d7c2b9e"}
+
+
+def files_holding(folder: Path, secrets) -> list[str]:
+    """Files under folder (doit's state, logs, manifests, bundles, provenance...) that hold any of secrets."""
+    found = []
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            found += [f"{path}: {s}" for s in secrets if s.encode() in data]
+    return found
+
+
+def test_fake_tokens_never_appear_in_logs_bundles_or_state(built_project, mlflow_server, tmp_path):
+    """Every registry, with fake credentials in the environment: the loopback MLflow server ignores the token
+    the client sends; the Hub and Azure AD endpoints are dead loopback ports, so those publishes fail, in one
+    line each (Azure ML: or refuse for want of its SDK)."""
+    secrets = list(FAKE_TOKENS.values())
+    dead = f"http://127.0.0.1:{_free_port()}"
+    env = {**FAKE_TOKENS, "MLFLOW_TRACKING_USERNAME": "me", "AZURE_CLIENT_ID": "00000000-0000-0000-0000-000000000001",
+           "AZURE_TENANT_ID": "00000000-0000-0000-0000-000000000002",
+           "AZURE_AUTHORITY_HOST": dead.replace("http:", "https:"), "AZURE_SUBSCRIPTION_ID": "00000000-0000-0000-0000-0",
+           "AZURE_RESOURCE_GROUP": "rg", "AZUREML_WORKSPACE_NAME": "ws", "HF_ENDPOINT": dead}
+    args = publish_args(mlflow_server, "secret-check")
+    runs = [doit(built_project, env=env),
+            doit(built_project, "publish", *args, env=env),
+            doit(built_project, "versions", *args, env=env),
+            doit(built_project, "fetch-package", "--to", str(tmp_path / "fetched"), *args, env=env)]
+    failing = [doit(built_project, "publish", "publish.registry=hf", "publish.name=me/secret-check", check=False,
+                    env={**env, "HF_HUB_OFFLINE": "0"}),
+               doit(built_project, "publish", "publish.registry=azureml", check=False, env=env)]
+    assert "version 1 (registered)" in runs[1].stdout
+    for result in failing:
+        assert result.returncode != 0 and len(error_lines(result)) == 1, result.stderr
+    for result in runs + failing:
+        assert not [s for s in secrets if s in result.stdout + result.stderr], result.stderr
+    assert files_holding(built_project / "build", secrets) == []  # doit's state, logs, provenance, outputs
+    assert files_holding(tmp_path / "fetched", secrets) == []     # the bundle as published
+    assert files_holding(mlflow_server["root"], secrets) == []    # the registry's database and artifacts
+
+
+def test_a_token_in_the_tracking_uri_is_refused_before_it_reaches_doit_state(project_copy):
+    token = "FAKEaccess0123456789abcdef"
+    for uri in (f"http://127.0.0.1:5000/?access_token={token}",
+                f"https://acct.blob.core.windows.net/mlflow?sv=2022-11-02&sr=c&sig={token}"):
+        for command in (["publish"], []):  # `doit publish`, and a plain build with the override
+            result = doit(project_copy, *command, f"publish.mlflow.tracking_uri={uri}", check=False)
+            assert result.returncode != 0
+            assert len(error_lines(result)) == 1 and "holds a credential" in error_lines(result)[0]
+            assert "MLFLOW_TRACKING_TOKEN" in error_lines(result)[0]
+            assert token not in result.stdout + result.stderr
+    # From the environment, the same: refused in one line, never echoed.
+    result = doit(project_copy, "publish", check=False,
+                  env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:5000/?token={token}"})
+    assert result.returncode != 0 and len(error_lines(result)) == 1, result.stderr
+    assert "MLFLOW_TRACKING_URI: the tracking URI holds a credential" in error_lines(result)[0]
+    assert token not in result.stdout + result.stderr
+    assert (project_copy / "build/tiny/.doit.sqlite3").is_file()
+    assert files_holding(project_copy / "build", [token]) == []
+
+
+def test_doit_state_keeps_no_publish_settings(project_copy):
+    """doit stores the check task's config string as it is: [publish] is left out of it."""
+    canary = "canary-experiment-7c2b"
+    doit(project_copy, f"publish.mlflow.experiment={canary}", "publish.name=canary-model-7c2b")
+    assert files_holding(project_copy / "build", [canary, "canary-model-7c2b"]) == []
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "foo://bar", "sqlite:///mlflow.db"])
+@pytest.mark.parametrize("source", ["config", "environment"])
+def test_an_unsupported_tracking_uri_is_one_line_naming_the_supported_schemes(built_project, uri, source):
+    if source == "config":
+        result = doit(built_project, "publish", f"publish.mlflow.tracking_uri={uri}", check=False)
+    else:
+        result = doit(built_project, "publish", check=False, env={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert len(error_lines(result)) == 1, result.stderr
+    assert "http, https, databricks, azureml" in error_lines(result)[0]
+
+
+@pytest.mark.parametrize("name, rule", [
+    ("team/model", "Names cannot contain '/' or ':'"),
+    ("..", "must not resolve to other names"),
+    ("m" * 257, "holds at most 256"),
+])
+def test_a_name_the_registry_refuses_is_refused_before_any_upload(built_project, mlflow_server, name, rule):
+    from mlflow import MlflowClient
+
+    experiment = f"refused-{len(name)}"
+    result = doit(built_project, "publish", *publish_args(mlflow_server, name), f"publish.mlflow.experiment={experiment}",
+                  check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(error_lines(result)) == 1 and rule in error_lines(result)[0], result.stderr
+    assert "uploaded" not in result.stderr
+    # Nothing reached the server: not even the experiment that would hold the publishing run.
+    assert MlflowClient(mlflow_server["uri"]).get_experiment_by_name(experiment) is None
+
+
+def test_a_failed_publish_leaves_no_finished_run(built_project, mlflow_server):
+    """The server fails mid-publish, after the run started: its store for this experiment is a file, not a folder."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server["uri"])
+    store = mlflow_server["root"] / "artifacts" / "broken-store"
+    store.parent.mkdir(exist_ok=True)
+    store.write_text("not a folder")
+    experiment_id = client.create_experiment("broken-store", artifact_location="mlflow-artifacts:/broken-store")
+    result = doit(built_project, "publish", *publish_args(mlflow_server, "half-uploaded"),
+                  "publish.mlflow.experiment=broken-store", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(error_lines(result)) == 1 and "uploading" in error_lines(result)[0], result.stderr
+    assert [run.info.status for run in client.search_runs([experiment_id])] == ["FAILED"]
+    assert client.search_model_versions("name = 'half-uploaded'") == []
+
+
+def test_credentials_in_config_keys_are_refused(built_project):
     with pytest.raises(PipelineError, match="looks like a credential"):
         load_config(built_project / "pipeline.toml", ["publish.mlflow.token=abc"])
-    with pytest.raises(PipelineError, match="credentials in the tracking URI"):
+    with pytest.raises(PipelineError, match="the tracking URI holds a credential"):
         load_config(built_project / "pipeline.toml", ["publish.mlflow.tracking_uri=https://me:pw@example.org"])
 
 
@@ -273,7 +374,11 @@ def test_hub_publish_without_a_token_is_refused(monkeypatch, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["publish.registry=hf", "publish.name=no-owner"], "not a Hub repository id; write owner/name"),
     (["publish.name=\"it's\""], "holds quotes"),
+    (["publish.registry=hf", "publish.name=me/ft--travel"], "Cannot have -- or .."),
+    (["publish.registry=hf", f"publish.name=me/{'m' * 97}"], "maximum length is 96"),
     (["publish.registry=azureml", "publish.name=a/b"], "not a valid Azure ML model name"),
+    (["publish.registry=azureml", "publish.name=ft.travel"], "not a valid Azure ML model name"),
+    (["publish.registry=azureml", f"publish.name={'m' * 256}"], "at most 255 characters"),
 ])
 def test_registry_names_are_checked_with_the_config(overrides, message):
     with pytest.raises(PipelineError, match=message):
