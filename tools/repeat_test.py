@@ -24,8 +24,16 @@ sys.path.insert(0, str(REPO))  # the tests import tests.conftest, as under `pyth
 class Repeat:
     """pytest plugin: parametrize every collected test over range(runs); record each call."""
 
-    def __init__(self, runs: int, out: Path, record: dict) -> None:
-        self.runs, self.out, self.record = runs, out, record
+    def __init__(self, runs: int, out: Path, record: dict, built: Path | None) -> None:
+        self.runs, self.out, self.record, self.built = runs, out, record, built
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_fixture_setup(self, fixturedef, request):
+        """--built: the session's built project is that folder (tests mutate copies of it only)."""
+        if self.built is not None and fixturedef.argname == "built_project":
+            fixturedef.cached_result = (self.built, fixturedef.cache_key(request), None)
+            return self.built
+        return None
 
     @pytest.fixture
     def repeat_index(self, request):
@@ -46,20 +54,43 @@ class Repeat:
             self.out.write_text(json.dumps(self.record, indent=2) + "\n", encoding="utf-8")
 
 
+def _code_differs(project: Path) -> str | None:
+    """The first project file (code, config, data) whose bytes differ from this checkout's, if any."""
+    from tests.conftest import PROJECT_FILES
+
+    for name in PROJECT_FILES:
+        src = REPO / name
+        files = [p for p in src.rglob("*") if p.is_file() and "__pycache__" not in p.parts] if src.is_dir() else [src]
+        for path in files:
+            other = project / path.relative_to(REPO)
+            if not other.is_file() or other.read_bytes() != path.read_bytes():
+                return str(path.relative_to(REPO))
+    return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("test")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--load", type=int, default=0, help="busy Python loops running alongside")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--built", type=Path, help="an already built project (`doit` run in a copy of this repo's "
+                    "project files) used as the session's built_project instead of building one; its code must "
+                    "be this checkout's")
     args = ap.parse_args()
     args.out = args.out.resolve()
     os.chdir(REPO)
+    if args.built is not None:
+        args.built = args.built.resolve()
+        stale = _code_differs(args.built)
+        if stale:
+            sys.exit(f"--built {args.built}: its {stale} differs from this checkout's; rebuild it")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "tasks", "tests", "dodo.py"], cwd=REPO,
                                 capture_output=True, text=True).stdout.strip())
     record = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": commit, "code_dirty": dirty,
               "started": datetime.datetime.now().isoformat(timespec="seconds"), "cores": os.cpu_count(),
+              "built_project": str(args.built) if args.built else "built by the session fixture",
               "load": f"{args.load} busy Python loops (while True: pass) for the whole session", "runs": []}
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
     start = time.monotonic()
@@ -67,7 +98,7 @@ def main() -> int:
         # The parametrized ids end in [runN], so the test is chosen by its file and its exact name.
         path, _, name = args.test.partition("::")
         code = pytest.main(["-p", "no:cacheprovider", "-q", path, *(["-k", name] if name else [])],
-                           plugins=[Repeat(args.runs, args.out, record)])
+                           plugins=[Repeat(args.runs, args.out, record, args.built)])
     finally:
         for proc in busy:
             proc.kill()
