@@ -29,6 +29,8 @@ from tasks.config import DataSection, FinetuneSection
 from tasks.errors import PipelineError
 
 log = logging.getLogger("tasks.finetune")
+# The other ranks' stderr: a logger outside "tasks", so that it reaches the stage log file but not the terminal.
+rank_log = logging.getLogger("finetune.ranks")
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 JOIN_TIMEOUT_S = 300  # for the other ranks to leave after the final barrier (tear-down and exit only)
 
@@ -134,12 +136,12 @@ def train_distributed(awq_dir: Path, data: DataSection, section: FinetuneSection
                 if worker.is_alive():
                     worker.kill()
                 worker.join()
-            _log_rank_stderr(stderr_paths, logging.ERROR)
+            _log_rank_stderr(stderr_paths)
             if dead and isinstance(exc, Exception):  # rank 0 failed because another rank died first
                 rank, code = min(dead.items())
                 raise _rank_failed(rank, world, code, stderr_paths[rank]) from exc
             raise
-        _log_rank_stderr(stderr_paths, logging.DEBUG)
+        _log_rank_stderr(stderr_paths)
         for rank, worker in workers.items():
             code = worker.exitcode
             if code != 0:
@@ -150,8 +152,8 @@ def train_distributed(awq_dir: Path, data: DataSection, section: FinetuneSection
     return {**facts, "processes": world}
 
 
-def _log_rank_stderr(paths: dict[int, Path], level: int) -> None:
+def _log_rank_stderr(paths: dict[int, Path]) -> None:
     for rank, path in paths.items():
         text = path.read_text(encoding="utf-8", errors="replace").rstrip() if path.is_file() else ""
         if text:
-            log.log(level, "finetune rank %d stderr:\n%s", rank, text)
+            rank_log.info("finetune rank %d stderr:\n%s", rank, text)
