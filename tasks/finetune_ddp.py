@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tasks.config import DataSection, FinetuneSection
 from tasks.errors import PipelineError
+from tasks.workspace_lock import die_with_parent
 
 log = logging.getLogger("tasks.finetune")
 # The other ranks' stderr: a logger outside "tasks", so that it reaches the stage log file but not the terminal.
@@ -42,7 +43,8 @@ def _process_group(rank: int, world: int, store, device: str) -> None:
                             timeout=COLLECTIVE_TIMEOUT)
 
 
-def _worker(rank: int, world: int, port: int, stderr_path: str, args: tuple) -> None:
+def _worker(rank: int, world: int, port: int, stderr_path: str, args: tuple, parent_pid: int) -> None:
+    die_with_parent(parent_pid)  # a rank never outlives its stage process (and the build lock it holds)
     # Everything this rank writes to fd 2 (Python's and native code's, e.g. c10d or gloo before an
     # abort) goes to its own file, which rank 0 copies into the stage log.
     fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -107,7 +109,8 @@ def train_distributed(awq_dir: Path, data: DataSection, section: FinetuneSection
         stderr_paths = {rank: Path(tmp) / f"rank{rank}.stderr" for rank in range(1, world)}
         ctx = multiprocessing.get_context("spawn")
         workers = {rank: ctx.Process(target=_worker, args=(rank, world, store.port, str(stderr_paths[rank]),
-                                                           (awq_dir, data, section, dataset, device)), daemon=True)
+                                                           (awq_dir, data, section, dataset, device), os.getpid()),
+                                       daemon=True)
                    for rank in range(1, world)}
         previous_threads = os.environ.get("OMP_NUM_THREADS")
         os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the spawned ranks

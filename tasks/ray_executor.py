@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from tasks.gpu_slots import uses_gpu
 from tasks.paths import Paths
 from tasks.provenance import NODE_ENV, lock_path
 from tasks.stages import FINETUNE_PREFIX, stages_for
+from tasks.workspace_lock import die_with_parent
 
 NAMESPACE = "ondevice-llm-build"
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
@@ -113,15 +113,6 @@ def _feasible(options: dict, nodes: list[dict]) -> bool:
 
 # --- the task on the node -----------------------------------------------------------------------
 
-def _die_with_parent() -> None:
-    """In the stage process: if the Ray worker that started us dies, so do we (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
 
 def run_on_node(root: str, argv: list[str], driver_python: str, driver_toolchain: dict, extra_env: dict) -> dict:
     """Body of the Ray task: refuse a node that cannot reproduce the build, else run the stage here."""
@@ -148,7 +139,7 @@ def run_on_node(root: str, argv: list[str], driver_python: str, driver_toolchain
     env = {**os.environ, **extra_env, NODE_ENV: json.dumps(node, sort_keys=True)}
     start = time.monotonic()
     # The node's own interpreter (the image's), not the driver's path to one.
-    proc = subprocess.run([sys.executable, *argv], cwd=root, env=env, preexec_fn=_die_with_parent)
+    proc = subprocess.run([sys.executable, *argv], cwd=root, env=env, preexec_fn=die_with_parent)
     return {"returncode": proc.returncode, "node": node, "seconds": round(time.monotonic() - start, 2)}
 
 

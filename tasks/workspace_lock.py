@@ -110,3 +110,19 @@ def stage_lock(build_dir: Path) -> Iterator[None]:
         with contextlib.suppress(OSError):  # no locks on this filesystem: the doit lock still applies
             fcntl.flock(handle, fcntl.LOCK_SH)
         yield
+
+
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """Linux: this process is killed when its parent dies (PR_SET_PDEATHSIG), so that no process of a
+    stage (a distributed finetune's rank, the stage under a Ray task) outlives it and the build lock
+    it holds. ``parent_pid``: exit now if the parent is already gone (it died before the call)."""
+    import signal
+
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
