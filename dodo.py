@@ -9,7 +9,6 @@
 import json
 import os
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from tasks.doit_cli import answer_before_doit
 from tasks.doit_guard import guard_state_database
 from tasks.doit_reporter import reporter_for
 from tasks.errors import PipelineError
-from tasks.manifest import manifest_problem
+from tasks.manifest import manifest_problem, remove_stage_output
 from tasks.ownership import claim
 from tasks.paths import Paths
 from tasks.secrets import redact
@@ -104,6 +103,13 @@ def task_verify():
     return {"actions": [STAGE_CMD + ["verify"] + CONFIG_ARGS], "uptodate": [False], "verbosity": 2}
 
 
+def _clean_stage(folder: Path) -> None:
+    try:
+        remove_stage_output(folder)
+    except PipelineError as exc:  # doit swaps sys.stderr while it cleans
+        print(f"error: {exc}", file=sys.__stderr__)
+
+
 def _manifest_intact(name: str):
     def intact(task, values):
         return manifest_problem(PATHS.stage(name)) is None
@@ -123,7 +129,7 @@ def _stage_task(stage):
             "targets": [rel(PATHS.manifest(stage.name))],
             # A damaged MANIFEST.json (truncated, edited) is never up to date, so nothing builds on top of it.
             "uptodate": [config_changed(config_fingerprint(CFG, stage)), _manifest_intact(stage.name)],
-            "clean": [(shutil.rmtree, [str(PATHS.stage(stage.name)), True])],
+            "clean": [(_clean_stage, [PATHS.stage(stage.name)])],
             "verbosity": 2,
         }
     make.__name__ = f"task_{stage.name}"

@@ -166,6 +166,15 @@ def is_stage_output(folder: Path) -> bool:
     return (folder / MANIFEST).exists() or (folder / STALE_MANIFEST).exists() or not any(folder.iterdir())
 
 
+def remove_stage_output(final: Path) -> None:
+    """`doit clean STAGE`: remove a stage's published output, and nothing that is not one."""
+    if not final.exists():
+        return
+    if not (final.is_dir() and not final.is_symlink() and is_stage_output(final)):
+        raise PipelineError(f"{final} is not an output of this build (no {MANIFEST}); it was not removed")
+    shutil.rmtree(final)
+
+
 @contextlib.contextmanager
 def staged_output(final: Path) -> Iterator[Path]:
     """Yield an empty staging folder; on normal exit publish it as ``final`` (replacing any old one).

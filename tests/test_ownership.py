@@ -164,3 +164,19 @@ def test_a_read_only_build_folder_of_this_project_is_one_line_at_the_lock(tmp_pa
     result = doit(project, "verify", f"build.dir={read_only_folder}", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
     assert "cannot take the build lock (Read-only file system)" in result.stderr
+
+
+def test_doit_clean_removes_a_stage_output_but_never_a_folder_it_did_not_publish(tmp_path):
+    project = make_project(tmp_path / "project")
+    doit(project, "list")  # claims build/tiny
+    foreign = project / "build/tiny/package"
+    foreign.mkdir()
+    (foreign / "slides.pptx").write_bytes(b"PK")
+    result = doit(project, "clean", "evaluate", check=False)
+    assert "is not an output of this build" in result.stderr and "Traceback" not in result.stderr
+    assert (foreign / "slides.pptx").read_bytes() == b"PK"
+    published = project / "build/tiny/export"
+    published.mkdir()
+    (published / "MANIFEST.json").write_text("{}")
+    doit(project, "clean", "export")
+    assert not published.exists()
