@@ -110,10 +110,17 @@ def _clean_stage(folder: Path) -> None:
         print(f"error: {exc}", file=sys.__stderr__)
 
 
-def _manifest_intact(name: str):
-    def intact(task, values):
-        return manifest_problem(PATHS.stage(name)) is None
-    return intact
+class _ManifestIntact:
+    """doit uptodate check: false while the stage's MANIFEST.json is missing, unparsable or ill-shaped."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, task, values):
+        return manifest_problem(PATHS.stage(self.name)) is None
+
+    def __repr__(self):
+        return f"manifest_intact({self.name!r})"
 
 
 def _stage_task(stage):
@@ -128,7 +135,7 @@ def _stage_task(stage):
             "task_dep": ["check"],
             "targets": [rel(PATHS.manifest(stage.name))],
             # A damaged MANIFEST.json (truncated, edited) is never up to date, so nothing builds on top of it.
-            "uptodate": [config_changed(config_fingerprint(CFG, stage)), _manifest_intact(stage.name)],
+            "uptodate": [config_changed(config_fingerprint(CFG, stage)), _ManifestIntact(stage.name)],
             "clean": [(_clean_stage, [PATHS.stage(stage.name)])],
             "verbosity": 2,
         }

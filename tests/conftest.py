@@ -15,7 +15,7 @@ import pytest
 from tasks.manifest import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("dodo.py", "pipeline.toml", "tasks", "data", "requirements")
+PROJECT_FILES = ("dodo.py", "pipeline.toml", "pyproject.toml", "tasks", "data", "requirements")
 STAGES = ("base", "quantize", "finetune", "export", "evaluate")
 LAB_DATA = REPO.parent / "shared" / "data" / "data_sample_travel.jsonl"
 
