@@ -121,7 +121,7 @@ def test_fault_trials_one_sigkill_per_stage_adopt_nothing_partial(built_project,
     project = shutil.copytree(built_project, tmp_path / "project", symlinks=True)
     out = tmp_path / "trials.json"
     result = subprocess.run([sys.executable, str(REPO / "tools/fault_trials.py"), "--kills", "1", "--kills-nocache", "0",
-                             "--failpoint-kills", "0", "--failpoint-kills-nocache", "0", "--damages", "1",
+                             "--failpoint-kills", "0", "--store-kills", "0", "--failpoint-kills-nocache", "0", "--damages", "1",
                              "--manifest-damages", "0", "--project", str(project), "--seed", "ci", "--out", str(out)],
                             capture_output=True, text=True, timeout=1800)
     assert out.is_file(), result.stderr[-3000:]

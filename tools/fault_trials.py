@@ -16,9 +16,10 @@ check (below).
   --failpoint-kills N  at each failpoint of tasks/failpoints.py (PIPELINE_FAILPOINT): the process writes
                      a marker file and waits there, and the trial kills the group as soon as the marker
                      appears: inside the manifest write (manifest.written), inside the publish swap
-                     (publish.swap), mid-restore (cache.restore), mid-store (cache.store; the stage's
-                     cache entries are removed first, so the stage is computed and stored). The cache is
-                     on: at manifest.written and publish.swap a restored output is being published.
+                     (publish.swap), mid-restore (cache.restore). The cache is on: at manifest.written and
+                     publish.swap a restored output is being published.
+  --store-kills N    at cache.store, mid-store: the stage's cache entries are removed first, so the stage
+                     is computed, published and stored, and computed again by the next doit.
   --failpoint-kills-nocache N  more at manifest.written and publish.swap with the cache off: a computed
                      output is being published, and the next doit computes the stage again.
 After every kill: each published folder holds exactly its manifest's files; S's manifest is the one
@@ -481,7 +482,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=5, help="random SIGKILLs per stage, the run cache on")
     parser.add_argument("--kills-nocache", type=int, default=5, help="random SIGKILLs per stage, cache.enabled=false")
-    parser.add_argument("--failpoint-kills", type=int, default=3, help="SIGKILLs per stage at each failpoint")
+    parser.add_argument("--failpoint-kills", type=int, default=3,
+                        help="SIGKILLs per stage at manifest.written, publish.swap and cache.restore (cache on)")
+    parser.add_argument("--store-kills", type=int, default=3,
+                        help="SIGKILLs per stage at cache.store (the stage is computed, and again after the kill)")
     parser.add_argument("--failpoint-kills-nocache", type=int, default=1,
                         help="more per stage at manifest.written and publish.swap, cache.enabled=false (computed)")
     parser.add_argument("--failpoints", default=",".join(FAILPOINTS))
@@ -534,7 +538,7 @@ def main() -> int:
                                              horizons["cache_on"][stage]))
         for point in points:
             for stage in stages:
-                for i in range(args.failpoint_kills):
+                for i in range(args.store_kills if point == "cache.store" else args.failpoint_kills):
                     trials.add(trials.failpoint_trial(stage, point, f"{args.seed}-{point}-{stage}-{i}", True))
         for stage in stages:
             for i in range(args.damages):
