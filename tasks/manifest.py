@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tasks.errors import PipelineError
+from tasks.failpoints import failpoint
 
 MANIFEST = "MANIFEST.json"
 # Versions recorded in every manifest: the libraries whose code decides a stage's bytes.
@@ -195,10 +196,12 @@ def staged_output(final: Path) -> Iterator[Path]:
         yield staging
         if not (staging / MANIFEST).is_file():
             raise RuntimeError(f"stage wrote no {MANIFEST}; refusing to publish {final}")
+        failpoint("manifest.written")
         _seal_tree(staging)
         if final.exists():
             retired = staging_root / f"{final.name}.{os.getpid()}.old"
             os.rename(final, retired)
+            failpoint("publish.swap")
             os.rename(staging, final)
             shutil.rmtree(retired)
         else:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import PipelineConfig
+from tasks.failpoints import failpoint
 from tasks.manifest import MANIFEST, file_table, clone_file, clone_tree, read_manifest
 from tasks.ownership import CACHE_KEY, CACHE_LEFTOVER, claim
 from tasks.paths import Paths
@@ -89,8 +90,10 @@ class RunCache:
             return False
         try:
             listed = read_manifest(entry)["files"]
-            for rel in listed:
+            for index, rel in enumerate(listed):
                 clone_file(entry / rel, staging / rel)
+                if index == len(listed) // 2:
+                    failpoint("cache.restore")
             shutil.copyfile(entry / MANIFEST, staging / MANIFEST)
             if file_table(staging) != listed:
                 raise ValueError("files differ from the entry's manifest")
@@ -118,6 +121,7 @@ class RunCache:
             for path in tmp.rglob("*"):
                 if path.is_file():
                     path.chmod(0o444)  # an entry is never edited, only added or removed whole
+            failpoint("cache.store")
             try:
                 os.rename(tmp, entry)
             except OSError:

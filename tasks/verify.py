@@ -2,7 +2,9 @@
 
 doit trusts a stage while its MANIFEST.json is unchanged; a file damaged later inside the folder (disk
 fault, a stray edit) would go unnoticed. ``doit verify`` names every missing, extra or changed file,
-and a manifest that does not parse or does not have a manifest's shape; for a damaged stage it moves
+a manifest that does not parse or does not have a manifest's shape, and a stage folder that holds
+files but no manifest (doit does not replace such a folder: it may not be ours; the message says to
+move it out of the build folder); for a damaged stage it moves
 its manifest aside (MANIFEST.stale.json), and those of every stage after it, so the next ``doit``
 rebuilds exactly those stages.
 """
@@ -33,6 +35,11 @@ def find_damage(paths: Paths, stages: tuple[Stage, ...] = STAGES) -> dict[str, l
     for stage in stages:
         folder = paths.stage(stage.name)
         if not (folder / MANIFEST).is_file():
+            if folder.is_dir() and not (folder / STALE_MANIFEST).exists() and any(folder.iterdir()):
+                # Files without a manifest: nothing to check them against, and doit will not replace a
+                # folder that does not prove it is a stage output (it may be someone's own).
+                damaged[stage.name] = [f"{MANIFEST} is missing: its files cannot be checked and doit will not "
+                                       "replace the folder; move it out of the build folder and run doit"]
             continue
         try:
             listed = read_manifest(folder)["files"]

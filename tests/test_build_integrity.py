@@ -49,6 +49,23 @@ def test_no_stage_is_up_to_date_on_top_of_a_damaged_manifest(project_copy):
     assert doit(project_copy, "verify").returncode == 0
 
 
+def test_a_deleted_manifest_is_named_by_verify_and_its_folder_is_replaced_only_once_moved_out(project_copy, tmp_path):
+    good = manifest_digests(project_copy)
+    (project_copy / BUILD / "export/MANIFEST.json").unlink()
+    verify = doit(project_copy, "verify", check=False)
+    assert verify.returncode != 0 and "export: MANIFEST.json is missing" in verify.stdout
+    # A folder without a manifest may be someone's own: doit refuses to replace it, in one line that says what to do.
+    result = doit(project_copy, check=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(errors) == 1 and "export exists but is not an output of this build" in errors[0] and "move it out" in errors[0]
+    assert executed(result) == ["export"]  # nothing after it ran on top of it
+    os.rename(project_copy / BUILD / "export", tmp_path / "export")
+    assert executed(doit(project_copy)) == ["export", "evaluate"]  # evaluate was marked stale by verify
+    assert manifest_digests(project_copy) == good
+    assert doit(project_copy, "verify").returncode == 0
+
+
 def test_a_failing_stage_prints_one_line_and_its_log_holds_the_traceback(project_copy):
     good = manifest_digests(project_copy)
     weights = project_copy / BUILD / "finetune/adapter/adapter_model.safetensors"

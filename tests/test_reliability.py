@@ -1,11 +1,13 @@
 """Reliability: a full disk, concurrent builds, and the fast part of the fault-injection trials.
 
-The long trials (10 SIGKILLs and 5 damaged files per stage) run from one command, see RELIABILITY.md.
+The long trials (SIGKILLs with the run cache on and off and at every failpoint, damaged files and
+manifests, per stage) run from one command, see RELIABILITY.md.
 """
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -114,15 +116,49 @@ def test_many_simultaneous_doit_runs_one_builds_the_others_name_it_and_nothing_i
 
 
 def test_fault_trials_one_sigkill_per_stage_adopt_nothing_partial(built_project, tmp_path):
-    """The CI slice of tools/fault_trials.py: one random SIGKILL and one damaged file per stage."""
+    """The CI slice of tools/fault_trials.py: per stage one SIGKILL while doit restores it from the run cache
+    and one damaged file (the long run adds kills with the cache off, at failpoints, and manifest damage)."""
     project = shutil.copytree(built_project, tmp_path / "project", symlinks=True)
     out = tmp_path / "trials.json"
-    result = subprocess.run([sys.executable, str(REPO / "tools/fault_trials.py"), "--kill-trials", "1",
-                             "--damage-trials", "1", "--project", str(project), "--seed", "ci", "--out", str(out)],
+    result = subprocess.run([sys.executable, str(REPO / "tools/fault_trials.py"), "--kills", "1", "--kills-nocache", "0",
+                             "--failpoint-kills", "0", "--store-kills", "0", "--failpoint-kills-nocache", "0", "--damages", "1",
+                             "--manifest-damages", "0", "--project", str(project), "--seed", "ci", "--out", str(out)],
                             capture_output=True, text=True, timeout=1800)
+    assert out.is_file(), result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert result.returncode == 0, json.dumps([t for t in report["trials"] if t["problems"]], indent=1)
     assert report["summary"]["trials"] == 10 and report["summary"]["failed"] == 0
+
+
+def test_a_sigkill_inside_the_publish_swap_leaves_no_output_rather_than_a_partial_one_and_doit_completes(
+        project_copy, tmp_path):
+    """The failpoint publish.swap (tasks/failpoints.py) holds the stage between the two renames of the swap,
+    the old output renamed away and the new one not yet in place; the whole process group is killed there."""
+    before = manifest_digests(project_copy)
+    doit(project_copy, "forget", "finetune")
+    marker = tmp_path / "failpoint.hit"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PIPELINE_FAILPOINT": "publish.swap",
+           "PIPELINE_FAILPOINT_FILE": str(marker)}
+    proc = subprocess.Popen([sys.executable, "-m", "doit", "finetune"], cwd=project_copy, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and not marker.exists():
+            time.sleep(0.01)
+        assert marker.exists(), "the stage never reached the publish swap"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert json.loads(marker.read_text())["failpoint"] == "publish.swap"
+    build = project_copy / BUILD
+    assert not (build / "finetune").exists()  # no output, never a partial one; the old one is aside
+    aside = sorted(p.name for p in (build / ".staging").iterdir() if p.name.startswith("finetune."))
+    assert len(aside) == 2 and aside[1] == aside[0] + ".old"  # the new output and the old one, both whole
+    assert executed(doit(project_copy)) == ["finetune"]  # restored; the stages after it stay up to date
+    assert manifest_digests(project_copy) == before
+    assert not list((build / ".staging").iterdir())
+    assert subprocess.run([sys.executable, "-m", "tasks", "verify"], cwd=project_copy, capture_output=True).returncode == 0
 
 
 def test_a_planted_hf_token_appears_in_no_output_log_state_file_or_process_argument(project_copy, tmp_path):
