@@ -95,7 +95,3 @@ def claim(folder: Path, kind: str, key: str, project_root: Path) -> Path:
     except OSError as exc:
         raise PipelineError(f"{key} = {folder}: cannot be used ({exc.strerror or exc}); choose another {key}") from None
     return folder
-
-
-def owned(folder: Path, kind: str) -> bool:
-    return (folder / (BUILD_MARKER if kind == "build" else CACHE_MARKER)).is_file()

@@ -21,7 +21,7 @@ from tasks.ownership import claim
 from tasks.paths import Paths
 from tasks.provenance import record_environment
 from tasks.run_cache import RunCache, cache_key
-from tasks.secrets import RedactingFormatter
+from tasks.secrets import RedactingFormatter, redact
 from tasks.workspace_lock import stage_lock
 from tasks.stages import ADAPTER_PREFIX, FINETUNE_PREFIX, config_values, stages_for, upstream_closure
 
@@ -81,8 +81,9 @@ def stage_logging(path: Path) -> Iterator[None]:
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
-    """``Type: first line of the message``, cut to ``limit`` characters: a library's error in one line."""
-    text = " ".join(str(exc).split()) or "(no message)"
+    """``Type: message`` on one line, cut to ``limit`` characters: a library's error in one line. Redacted
+    before the cut, as in tasks.registries: a token cut in half would no longer be recognised."""
+    text = " ".join(redact(str(exc)).split()) or "(no message)"
     text = text if len(text) <= limit else text[: limit - 3] + "..."
     return f"{type(exc).__name__}: {text}"
 
