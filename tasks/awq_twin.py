@@ -1,8 +1,9 @@
 """The float "training twin" of an AWQ checkpoint.
 
 Transformers 5 and peft route AWQ layers through gptqmodel, which needs the CUDA 13 line. The twin
-avoids that: a plain Phi-3 whose every quantized linear holds exactly the AWQ weights dequantized
-(int4 - zero) * scale, the very numbers AutoAWQ's own fallback kernel multiplies with, and whose
+avoids that: a plain model of the checkpoint's family whose every quantized linear holds exactly the
+AWQ weights dequantized (int4 - zero) * scale in fp32 (the int4 ONNX computes with exactly these
+numbers; an fp16 product would put a quarter of them up to half an fp16 step off), and whose
 every other tensor (embeddings, lm_head and the layer norms, into which AWQ folded its scales) is
 taken from the AWQ checkpoint. A LoRA trained on the twin is trained against the 4-bit weights.
 """
@@ -39,7 +40,7 @@ def dequantized_state_dict(awq_dir: Path, dtype=None) -> dict:
     for name, tensor in raw.items():
         if name.endswith(".qweight"):
             prefix = name.removesuffix(".qweight")
-            weight = dequantize_gemm(tensor, raw[prefix + ".qzeros"], raw[prefix + ".scales"], bits, group)
+            weight = dequantize_gemm(tensor, raw[prefix + ".qzeros"], raw[prefix + ".scales"].float(), bits, group)
             state[prefix + ".weight"] = weight.T.contiguous().to(dtype)
         elif name.endswith((".qzeros", ".scales")):
             continue
@@ -58,7 +59,8 @@ def twin_config(awq_dir: Path):
 
 
 def load_float_twin(awq_dir: Path, dtype=None, device: str = "cpu"):
-    """A Phi3ForCausalLM (eval mode, on ``device``) computing what the AWQ checkpoint computes."""
+    """A ...ForCausalLM of the checkpoint's family (eval mode, on ``device``) computing what the AWQ
+    checkpoint computes. With tied embeddings the checkpoint has no lm_head.weight: the model ties it."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -67,7 +69,13 @@ def load_float_twin(awq_dir: Path, dtype=None, device: str = "cpu"):
     # Built directly on the target device: the random init it starts with is overwritten at once.
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.load_state_dict(dequantized_state_dict(awq_dir, dtype), strict=True)
+    state = dequantized_state_dict(awq_dir, dtype)
+    tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if tied else set()):
+        raise RuntimeError(f"the float twin does not match {awq_dir}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if tied:
+        model.tie_weights()
     model.name_or_path = "awq-float-twin"  # recorded by peft in adapter_config.json: keep it stable
     model.config.name_or_path = "awq-float-twin"
     return model.eval()

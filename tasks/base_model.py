@@ -15,19 +15,11 @@ from pathlib import Path
 
 from tasks.config import ModelSection, TinyModel
 from tasks.errors import PipelineError
+from tasks.families import FAMILIES, Family
 from tasks.manifest import clone_file
 
 log = logging.getLogger(__name__)
 
-# Phi-3.5-mini-instruct's special tokens. Order fixes their ids in the tiny vocabulary.
-SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-# Phi-3.5's chat format as a Jinja template (system, user, assistant turns; generation prompt).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
 # Files a Hub model folder needs; pickled weights (*.bin, *.pt) are never fetched.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.md"]
 
@@ -65,7 +57,7 @@ def tiny_config_fields(tiny: TinyModel, special_ids: dict[str, int]) -> dict:
         model_type="phi3",
         num_attention_heads=tiny.num_attention_heads,
         num_hidden_layers=tiny.num_hidden_layers,
-        num_key_value_heads=tiny.num_attention_heads,
+        num_key_value_heads=tiny.num_key_value_heads or tiny.num_attention_heads,
         original_max_position_embeddings=4096,
         pad_token_id=special_ids["<|endoftext|>"],
         resid_pdrop=0.0,
@@ -83,7 +75,27 @@ def tiny_config_fields(tiny: TinyModel, special_ids: dict[str, int]) -> dict:
     )
 
 
-def train_tokenizer(corpus: Path, vocab_size: int):
+def family_config_fields(family: Family, tiny: TinyModel, special_ids: dict[str, int]) -> dict:
+    """A config.json of ``family`` with its real structural options (rope scaling, tied embeddings,
+    soft-capping, q/k norms...) and the sizes of ``tiny``."""
+    if family.model_type == "phi3":
+        return tiny_config_fields(tiny, special_ids)
+    kv_heads = tiny.num_key_value_heads or (tiny.num_attention_heads // 2 if family.gqa else tiny.num_attention_heads)
+    fields = dict(
+        model_type=family.model_type, hidden_size=tiny.hidden_size, intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_hidden_layers, num_attention_heads=tiny.num_attention_heads,
+        num_key_value_heads=max(1, kv_heads), vocab_size=tiny.vocab_size, rms_norm_eps=1e-06,
+        eos_token_id=[special_ids[t] for t in family.end_of_turn], pad_token_id=special_ids[family.pad],
+        bos_token_id=special_ids[family.bos] if family.bos else None, **family.structure,
+    )
+    if tiny.head_dim:
+        fields["head_dim"] = tiny.head_dim
+        if "query_pre_attn_scalar" in fields:
+            fields["query_pre_attn_scalar"] = tiny.head_dim
+    return fields
+
+
+def train_tokenizer(corpus: Path, vocab_size: int, family: Family = FAMILIES["phi3"]):
     """Byte-level BPE on the fixed corpus, wrapped as a transformers fast tokenizer."""
     os.environ.setdefault("RAYON_NUM_THREADS", "1")  # one thread: merge order must not depend on scheduling
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -96,18 +108,20 @@ def train_tokenizer(corpus: Path, vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(family.special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     lines = corpus.read_text(encoding="utf-8").splitlines()
     tok.train_from_iterator(lines, trainer=trainer, length=len(lines))
+    named = {family.bos, family.eos, family.pad}
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-        chat_template=CHAT_TEMPLATE,
+        bos_token=family.bos,
+        eos_token=family.eos,
+        pad_token=family.pad,
+        additional_special_tokens=[t for t in family.special_tokens if t not in named],
+        chat_template=family.chat_template,
         model_max_length=131072,
         clean_up_tokenization_spaces=False,
     )
@@ -115,28 +129,28 @@ def train_tokenizer(corpus: Path, vocab_size: int):
 
 def build_tiny_model(tiny: TinyModel, root: Path, out: Path) -> dict:
     import torch
-    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig
 
+    family = FAMILIES[tiny.family]
     log.info("training byte-level BPE tokenizer (vocab %d) on %s", tiny.vocab_size, tiny.tokenizer_corpus)
-    tokenizer = train_tokenizer(root / tiny.tokenizer_corpus, tiny.vocab_size)
-    special_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = Phi3Config(**tiny_config_fields(tiny, special_ids))
+    tokenizer = train_tokenizer(root / tiny.tokenizer_corpus, tiny.vocab_size, family)
+    special_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in family.special_tokens}
+    config = CONFIG_MAPPING[family.model_type](**family_config_fields(family, tiny, special_ids))
     config.vocab_size = max(tiny.vocab_size, len(tokenizer))
 
-    log.info("initialising Phi3ForCausalLM (%d layers, hidden %d), seed %d",
-             tiny.num_hidden_layers, tiny.hidden_size, tiny.seed)
+    log.info("initialising a random-init %s model (%d layers, hidden %d), seed %d",
+             family.label, tiny.num_hidden_layers, tiny.hidden_size, tiny.seed)
     torch.manual_seed(tiny.seed)
-    model = Phi3ForCausalLM(config).to(torch.bfloat16)  # Phi-3.5 ships bf16 weights
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)  # the families ship bf16 weights
+    bos = special_ids[family.bos] if family.bos else None
     model.generation_config = GenerationConfig(
-        bos_token_id=special_ids["<|endoftext|>"],
-        eos_token_id=[special_ids["<|end|>"], special_ids["<|endoftext|>"]],
-        pad_token_id=special_ids["<|endoftext|>"],
+        bos_token_id=bos, eos_token_id=[special_ids[t] for t in family.end_of_turn], pad_token_id=special_ids[family.pad],
     )
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("random-init model: %d parameters, vocab %d", n_params, config.vocab_size)
-    return {"source": "tiny", "parameters": n_params}
+    return {"source": "tiny", "family": family.model_type, "parameters": n_params}
 
 
 # --- hub ------------------------------------------------------------------------------------------

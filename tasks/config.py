@@ -22,7 +22,7 @@ from tasks.errors import PipelineError
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
-# The Phi-3.5 chat format, exactly as the Olive lab writes it.
+# The Phi-3.5 chat format as a text template, exactly as the Olive lab writes it (data.template).
 LAB_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>"
 
 # Named Hub models. A profile pins a full commit, never a branch: the same config must mean the
@@ -34,12 +34,17 @@ HUB_PROFILES: dict[str, dict[str, str]] = {
     },
 }
 # Random-init models with a real model's exact sizes, built locally (no download): for benchmarks
-# of speed and memory, where the weights' values do not matter. Every other config field is as in
-# the tiny profile (Phi-3.5-mini-instruct's own).
-SHAPE_PROFILES: dict[str, dict[str, int]] = {
+# of speed and memory, where the weights' values do not matter. Every other config field is the
+# family's, as in the tiny profile (tasks/families.py).
+SHAPE_PROFILES: dict[str, dict[str, Any]] = {
     "phi-3.5-mini-shape": {
         "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
         "num_attention_heads": 32, "vocab_size": 32064,
+    },
+    # Qwen/Qwen2.5-3B-Instruct's config.json: GQA with 2 KV heads, qkv biases, tied embeddings.
+    "qwen2.5-3b-shape": {
+        "family": "qwen2", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+        "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
     },
 }
 PROFILES = ("tiny", "hub", *HUB_PROFILES, *SHAPE_PROFILES)
@@ -113,29 +118,49 @@ class BuildSection(Section):
 
 
 class TinyModel(Section):
-    """A random-init Phi-3 whose config mirrors Phi-3.5-mini-instruct in every field but sizes."""
+    """A random-init model of one family, built locally: Phi-3 (the default) mirrors Phi-3.5-mini-instruct
+    in every config field but sizes; the other families get their real structural options
+    (tasks/families.py)."""
 
+    family: str = "phi3"
+    """config.json model_type of the family: phi3, llama, mistral, qwen2, qwen3 or gemma2."""
     hidden_size: Annotated[Int, at_most(16384, "that is over 3x Phi-3-medium's 5120")] = Field(256, ge=64)
     intermediate_size: Annotated[Int, at_most(65536, "that is over 3x Phi-3-medium's 17920")] = Field(512, ge=64)
     num_hidden_layers: Int = Field(2, ge=1, le=64)
-    num_attention_heads: Annotated[Int, at_most(256, "Phi-3 models have 32 or 40")] = Field(4, ge=1)
-    vocab_size: Int = Field(2000, ge=300, le=32064)
+    num_attention_heads: Annotated[Int, at_most(256, "the supported families have at most 64")] = Field(4, ge=1)
+    num_key_value_heads: Int | None = Field(None, ge=1, le=256)
+    """None: one per attention head for Phi-3, half as many (grouped-query attention) for the others."""
+    head_dim: Int | None = Field(None, ge=8, le=512)
+    """None: hidden_size / num_attention_heads, or the family's own (Qwen3 and Gemma 2 set it apart)."""
+    vocab_size: Int = Field(2000, ge=300, le=262144)
     seed: Seed = 0
     tokenizer_corpus: str = "data/tokenizer_corpus.txt"
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        from tasks.families import FAMILIES, SUPPORTED
+
+        if value not in FAMILIES:
+            raise ValueError(f"unknown family {value!r}; one of: {SUPPORTED}")
+        return value
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> "TinyModel":
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
-        if (self.hidden_size // self.num_attention_heads) % 2:
-            raise ValueError("head size (hidden_size / num_attention_heads) must be even for RoPE")
+        if (self.head_dim or self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError("head size (hidden_size / num_attention_heads, or head_dim) must be even for RoPE")
+        if self.num_key_value_heads and self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         return self
 
 
 class ModelSection(Section):
     profile: str = "tiny"
-    """tiny (built locally, offline), phi-3.5-mini (pinned Hub commit), hub (repo_id + revision) or
-    phi-3.5-mini-shape (random weights, Phi-3.5-mini's exact sizes; for benchmarks)."""
+    """tiny (built locally, offline; any family via model.tiny.family), phi-3.5-mini (pinned Hub commit), hub
+    (repo_id + revision, any supported family) or a shape profile (random weights with a real model's exact
+    sizes, for benchmarks): phi-3.5-mini-shape, qwen2.5-3b-shape."""
     repo_id: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
@@ -189,15 +214,17 @@ class ModelSection(Section):
 
 class DataSection(Section):
     path: str = "data/travel_qa.jsonl"
-    template: str = LAB_TEMPLATE
-    """Training text: {prompt} and then {response}, each once; {{ and }} are literal braces (tasks/data.py)."""
+    template: str | None = None
+    """None (the default): the model's own chat template renders every record. Or a text template for
+    prompt/response records: {prompt} and then {response}, each once; {{ and }} are literal braces (tasks/data.py)."""
     eval_fraction: Float = Field(0.1, gt=0, lt=0.5)
     split_seed: Seed = 0
 
     @field_validator("template")
     @classmethod
-    def _template_syntax(cls, value: str) -> str:
-        template_parts(value)  # ValueError naming the stray brace or field
+    def _template_syntax(cls, value: str | None) -> str | None:
+        if value is not None:
+            template_parts(value)  # ValueError naming the stray brace or field
         return value
 
 
@@ -219,7 +246,9 @@ class FinetuneSection(Section):
     rank: Int = Field(8, ge=1, le=256)
     alpha: Float = Field(16.0, gt=0)
     dropout: Float = Field(0.05, ge=0, lt=1)
-    target_modules: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    target_modules: tuple[str, ...] = ("all-linear",)
+    """Decoder-block linears LoRA trains: "all-linear" (every one, PEFT's convention) or the family's names,
+    e.g. ["q_proj", "v_proj"] for Llama, ["qkv_proj", "o_proj"] for Phi-3 (checked against the model at check)."""
     max_steps: Annotated[Int, at_most(1_000_000, "a million optimizer steps is days of training")] = Field(100, ge=1)
     learning_rate: Annotated[Float, at_most(1.0, "training diverges far below that; LoRA uses about 1e-4 to 1e-2")] = \
         Field(1e-3, gt=0)
@@ -242,10 +271,16 @@ class FinetuneSection(Section):
     @field_validator("target_modules")
     @classmethod
     def _known_targets(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        allowed = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+        from tasks.families import ALL_LINEAR, SEPARATE, FUSED
+
+        allowed = {ALL_LINEAR, *SEPARATE, *FUSED}
         unknown = sorted(set(value) - allowed)
         if unknown or not value:
-            raise ValueError(f"target_modules must be a non-empty subset of {sorted(allowed)}")
+            raise ValueError(f"target_modules must be a non-empty list of \"{ALL_LINEAR}\" or decoder linear names "
+                             f"({', '.join(sorted(allowed - {ALL_LINEAR}))}); {unknown[0]!r} is none of them"
+                             if unknown else "target_modules must not be empty")
+        if ALL_LINEAR in value and len(value) > 1:
+            raise ValueError(f"target_modules: \"{ALL_LINEAR}\" already means every linear; list it alone")
         return tuple(sorted(set(value)))
 
 

@@ -1,4 +1,10 @@
-"""The finetuning dataset: strict JSON-lines reading, the chat template and the held-out split.
+"""The finetuning dataset: strict JSON-lines reading, rendering in a chat format, the held-out split.
+
+A line is either ``{"prompt": ..., "response": ...}`` or the conversational format of TRL and Hugging
+Face datasets, ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``; both
+become a conversation. By default the model's own chat template renders it (the tokenizer's Jinja
+template, as in ``tokenizer.apply_chat_template``); ``data.template`` overrides that with a text
+template for prompt/response pairs. Training counts the assistant turns only.
 
 Every problem is reported as ``file:line: problem; fix`` before any model is touched. Data is data:
 a record's text fills the template's fields once and is never read as a template, and a record that
@@ -10,10 +16,12 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from tasks.errors import PipelineError
 
@@ -21,15 +29,77 @@ REQUIRED = ("prompt", "response")
 MAX_LINE_BYTES = 1 << 20  # one record; a longer line is a broken file far more often than a real example
 
 
+ROLES = ("system", "user", "assistant")
+
+
 @dataclass(frozen=True)
 class Record:
-    prompt: str
-    response: str
+    messages: tuple[tuple[str, str], ...]  # (role, content), ending with an assistant turn
     line: int
+
+    @classmethod
+    def pair(cls, prompt: str, response: str, line: int) -> "Record":
+        return cls((("user", prompt), ("assistant", response)), line)
+
+    @property
+    def prompt(self) -> str:
+        """The last user turn before the final answer."""
+        return next(c for r, c in reversed(self.messages[:-1]) if r == "user")
+
+    @property
+    def response(self) -> str:
+        """The final assistant turn: what held-out evaluation compares against."""
+        return self.messages[-1][1]
+
+    def as_messages(self, upto: int | None = None) -> list[dict]:
+        return [{"role": r, "content": c} for r, c in self.messages[:upto]]
+
+    def to_json(self) -> dict:
+        return {"messages": self.as_messages(), "prompt": self.prompt, "response": self.response, "line": self.line}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "Record":
+        if "messages" in obj:
+            return cls(tuple((m["role"], m["content"]) for m in obj["messages"]), obj.get("line", 0))
+        return cls.pair(obj["prompt"], obj["response"], obj.get("line", 0))
+
+
+def _text(path: Path, number: int, value, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise PipelineError(f"{path}:{number}: {what} must be a non-empty string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PipelineError(f"{path}:{number}: {what} holds an invalid \\u escape (a lone surrogate); fix the text") from None
+    return value
+
+
+def _conversation(path: Path, number: int, messages) -> tuple[tuple[str, str], ...]:
+    """A messages list, checked: roles, text, a user turn before the first answer, an answer last."""
+    if not isinstance(messages, list) or not messages:
+        raise PipelineError(f"{path}:{number}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    turns = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) - {"role", "content", "name"} or "role" not in message \
+                or "content" not in message:
+            raise PipelineError(f"{path}:{number}: messages[{i}] must be an object with 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise PipelineError(f"{path}:{number}: messages[{i}] has role {message['role']!r}; roles are "
+                                f"{', '.join(ROLES)}")
+        turns.append((message["role"], _text(path, number, message["content"], f"messages[{i}].content")))
+    roles = [r for r, _ in turns]
+    if "system" in roles[1:]:
+        raise PipelineError(f"{path}:{number}: a system message may only come first")
+    first = next((r for r in roles if r != "system"), None)
+    if first != "user":
+        raise PipelineError(f"{path}:{number}: the conversation must start with a user turn (after an optional system one)")
+    if roles[-1] != "assistant":
+        raise PipelineError(f"{path}:{number}: the conversation must end with an assistant turn (the answer to learn)")
+    return tuple(turns)
 
 
 def load_records(path: Path) -> list[Record]:
-    """Parse a JSONL file of {"prompt", "response"} objects; one-line errors with file:line."""
+    """Parse a JSONL file of {"prompt", "response"} or {"messages"} objects; one-line errors with file:line."""
     if not path.is_file():
         raise PipelineError(f"dataset {path} not found; set data.path in the config to a JSON-lines file")
     try:
@@ -52,18 +122,19 @@ def load_records(path: Path) -> list[Record]:
             reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
             raise PipelineError(f"{path}:{number}: unreadable JSON ({reason}); each line must be one JSON object") from None
         if not isinstance(obj, dict):
-            raise PipelineError(f"{path}:{number}: expected a JSON object with prompt and response, got {type(obj).__name__}")
+            raise PipelineError(f"{path}:{number}: expected a JSON object with prompt and response (or messages), "
+                                f"got {type(obj).__name__}")
+        if "messages" in obj:
+            if set(obj) & set(REQUIRED):
+                raise PipelineError(f"{path}:{number}: a record has either 'messages' or prompt and response, not both")
+            records.append(Record(_conversation(path, number, obj["messages"]), number))
+            continue
         for key in REQUIRED:
             if key not in obj:
-                raise PipelineError(f"{path}:{number}: missing field {key!r}; every record needs prompt and response")
-            if not isinstance(obj[key], str) or not obj[key].strip():
-                raise PipelineError(f"{path}:{number}: field {key!r} must be a non-empty string")
-            try:
-                obj[key].encode("utf-8")
-            except UnicodeEncodeError:
-                raise PipelineError(f"{path}:{number}: field {key!r} holds an invalid \\u escape (a lone surrogate); "
-                                    "fix the text") from None
-        records.append(Record(obj["prompt"], obj["response"], number))
+                raise PipelineError(f"{path}:{number}: missing field {key!r}; every record needs prompt and response "
+                                    "(or a 'messages' list)")
+            _text(path, number, obj[key], f"field {key!r}")
+        records.append(Record.pair(obj["prompt"], obj["response"], number))
     if len(records) < 2:
         raise PipelineError(f"{path}: has {len(records)} records; a dataset needs at least 2 (one to train, one held out)")
     return records
@@ -134,9 +205,94 @@ def prompt_part(template: str, prompt: str) -> str:
 
 
 def render(template: str, record: Record) -> str:
-    """The training text: each field filled once; the record's text stays plain text."""
+    """The training text of a text template: each field filled once; the record's text stays plain text."""
     values = {"prompt": record.prompt, "response": record.response, None: ""}
     return "".join(literal + values[field] for literal, field in template_parts(template))
+
+
+# A chat format: messages (as dicts) and add_generation_prompt -> text. The model's Jinja template
+# (transformers' or onnxruntime_genai's apply_chat_template), or a text template (text_renderer).
+Render = Callable[[list, bool], str]
+
+
+def text_renderer(template: str) -> Render:
+    """``data.template`` as a chat format for one user turn and its answer."""
+    check_template(template)
+
+    def render_text(messages: list, add_generation_prompt: bool) -> str:
+        user = [m["content"] for m in messages if m["role"] == "user"]
+        answer = [m["content"] for m in messages if m["role"] == "assistant"]
+        if not user:
+            return ""
+        if answer:
+            return render(template, Record.pair(user[0], answer[0], 0))
+        return prompt_part(template, user[0]) if add_generation_prompt else ""
+
+    return render_text
+
+
+def chat_renderer(tokenizer, template: str | None, source) -> Render:
+    """``data.template`` as a chat format, or else the (transformers) tokenizer's own chat template."""
+    if template is not None:
+        return text_renderer(template)
+    if not getattr(tokenizer, "chat_template", None):
+        raise PipelineError(f"{source} has no chat template (a base model, not an instruct one?); set data.template "
+                            "to a text template, e.g. \"### Question: {prompt}\\n### Answer: {response}\"")
+
+    def render_chat(messages: list, add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    return render_chat
+
+
+def genai_renderer(tokenizer, template: str | None) -> Render:
+    """The same for a package: onnxruntime_genai's Tokenizer renders the package's own chat template."""
+    if template is not None:
+        return text_renderer(template)
+
+    def render_chat(messages: list, add_generation_prompt: bool) -> str:
+        if not messages:
+            return ""
+        return tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=add_generation_prompt)
+
+    return render_chat
+
+
+def check_single_turn(path: Path, records: list[Record]) -> None:
+    """A text ``data.template`` has one {prompt} and one {response}: refuse conversations it cannot render."""
+    for record in records:
+        if [r for r, _ in record.messages] != ["user", "assistant"]:
+            raise PipelineError(f"{path}:{record.line}: this conversation has {len(record.messages)} turns "
+                                f"({', '.join(r for r, _ in record.messages)}), but data.template renders one prompt and "
+                                "one response; remove data.template to use the model's own chat template")
+
+
+def prompt_text(render_chat: Render, record: Record) -> str:
+    """What the model is given to produce the final answer: every earlier turn and the generation prompt."""
+    return render_chat(record.as_messages(-1), True)
+
+
+def full_text(render_chat: Render, record: Record) -> str:
+    return render_chat(record.as_messages(), False)
+
+
+def assistant_spans(render_chat: Render, record: Record, path: Path | str = "dataset") -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns (each answer with the
+    turn's closing marker), found by rendering the conversation turn by turn."""
+    full = full_text(render_chat, record)
+    spans = []
+    for k, (role, _) in enumerate(record.messages):
+        if role != "assistant":
+            continue
+        before = render_chat(record.as_messages(k), True)
+        upto = render_chat(record.as_messages(k + 1), False)
+        if not full.startswith(before):
+            raise PipelineError(f"{path}:{record.line}: the chat template does not render this conversation turn by "
+                                "turn (the text before answer {} is not a prefix of the whole); set data.template to "
+                                "a text template instead".format(len(spans) + 1))
+        end = len(os.path.commonprefix([upto, full]))  # a template may close only the last turn (Phi-3's eos)
+        spans.append((len(before), max(end, len(before))))
+    return full, spans
 
 
 def template_markers(template: str) -> set[str]:
@@ -150,17 +306,19 @@ def check_special_tokens(path: Path, records: list[Record], template: str, token
     match). Checked are the template's own ``<|...|>`` markers plus ``tokens``: the tokenizer's
     special and added tokens where they are known (the built-in profiles' at check time, the loaded
     tokenizer's in finetune)."""
-    own = template_markers(template)
+    own = template_markers(template or "")
     known = sorted(own | {t for t in tokens if t}, key=len, reverse=True)
     if not known:
         return
     pattern = re.compile("|".join(re.escape(t) for t in known))
     for record in sorted(records, key=lambda r: r.line):
-        for field in REQUIRED:
-            found = pattern.search(getattr(record, field))
+        for i, (role, content) in enumerate(record.messages):
+            found = pattern.search(content)
             if found:
                 token = found.group()
                 where = "the chat template" if token in own else "the model's tokenizer"
+                field = (("prompt", "response")[i] if len(record.messages) == 2 and record.messages[0][0] == "user"
+                         else f"messages[{i}].content")
                 raise PipelineError(
                     f"{path}:{record.line}: field {field!r} holds the special token {token!r} of {where}; "
                     "remove or reword it (record text is trained as plain text, and a special token would "
@@ -177,18 +335,22 @@ def split(records: list[Record], eval_fraction: float, seed: int) -> tuple[list[
     return [records[i] for i in train], [records[i] for i in held]
 
 
-def load_dataset(path: Path, template: str, eval_fraction: float, seed: int,
+def load_dataset(path: Path, template: str | None, eval_fraction: float, seed: int,
                  special_tokens=()) -> tuple[list[Record], list[Record]]:
-    """Records, checked against the template and ``special_tokens`` (see check_special_tokens), split."""
-    check_template(template)
+    """Records, checked against the template (None: the model's chat template) and ``special_tokens``
+    (see check_special_tokens), split."""
+    if template is not None:
+        check_template(template)
     records = load_records(path)
+    if template is not None:
+        check_single_turn(path, records)
     check_special_tokens(path, records, template, special_tokens)
     return split(records, eval_fraction, seed)
 
 
-def read_heldout(finetune_dir: Path) -> tuple[str, list[dict]]:
-    """The template a finetune trained with and its held-out records (metrics.json, heldout.jsonl),
-    which export checks logits on and evaluate scores."""
+def read_heldout(finetune_dir: Path) -> tuple[str | None, list[Record]]:
+    """The text template a finetune trained with (None: the model's chat template) and its held-out
+    records (metrics.json, heldout.jsonl), which export checks logits on and evaluate scores."""
     template = json.loads((finetune_dir / "metrics.json").read_text(encoding="utf-8"))["template"]
-    held = [json.loads(line) for line in (finetune_dir / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
-    return template, held
+    lines = (finetune_dir / "heldout.jsonl").read_text(encoding="utf-8").splitlines()
+    return template, [Record.from_json(json.loads(line)) for line in lines]

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from tasks.config import EvaluateSection, ExportSection
-from tasks.data import Record, prompt_part, read_heldout, render
+from tasks.data import Record, Render, full_text, genai_renderer, prompt_part, prompt_text, read_heldout
 from tasks.errors import PipelineError
 from tasks.export import ADAPTER_SUFFIX
 from tasks.manifest import clone_tree
@@ -32,12 +32,13 @@ def copy_package(src: Path, dst: Path) -> None:
     clone_tree(src, dst, exclude=("MANIFEST.json",))
 
 
-def response_loss(model, adapters, adapter, tokenizer, template: str, record: dict) -> tuple[float, int]:
-    """Summed cross-entropy of the response tokens given the prompt part, and their count."""
+def response_loss(model, adapters, adapter, tokenizer, render_chat: Render, record: Record) -> tuple[float, int]:
+    """Summed cross-entropy of the final answer's tokens (with its turn's closing marker) given every
+    earlier turn, and their count."""
     import numpy as np
 
-    prompt_ids = list(tokenizer.encode(prompt_part(template, record["prompt"])))
-    ids = list(tokenizer.encode(render(template, Record(record["prompt"], record["response"], 0))))
+    prompt_ids = list(tokenizer.encode(prompt_text(render_chat, record)))
+    ids = list(tokenizer.encode(full_text(render_chat, record)))
     logits = all_logits(model, adapters, adapter, ids)
     total = 0.0
     for pos in range(len(prompt_ids), len(ids)):
@@ -47,31 +48,32 @@ def response_loss(model, adapters, adapter, tokenizer, template: str, record: di
     return total, len(ids) - len(prompt_ids)
 
 
-def evaluate_target(folder: Path, target: str, section: EvaluateSection, name: str, template: str,
-                    held: list[dict]) -> tuple[dict, dict]:
+def evaluate_target(folder: Path, target: str, section: EvaluateSection, name: str, template: str | None,
+                    held: list[Record]) -> tuple[dict, dict]:
     """Quality (held-out loss, generations, adapter effect) and decode speed of one target's model."""
     import numpy as np
     import onnxruntime_genai as og
 
     model, adapters = open_model(folder, target, {name: folder / f"{name}{ADAPTER_SUFFIX}"})
     tokenizer = og.Tokenizer(model)
+    render_chat = genai_renderer(tokenizer, template)  # the package's own chat template unless data.template
     quality: dict = {"loss": {}, "generations": []}
     for label, adapter in (("without_adapter", None), ("with_adapter", name)):
         total, count = 0.0, 0
         for record in held[: section.loss_records]:
-            s, n = response_loss(model, adapters, adapter, tokenizer, template, record)
+            s, n = response_loss(model, adapters, adapter, tokenizer, render_chat, record)
             total, count = total + s, count + n
         quality["loss"][label] = {"loss": round(total / count, 5), "perplexity": round(math.exp(total / count), 3),
                                   "tokens": count}
         log.info("%s: held-out loss %s: %.4f (perplexity %.2f) over %d tokens", target, label, total / count,
                  math.exp(total / count), count)
-    ids = list(tokenizer.encode(prompt_part(template, held[0]["prompt"])))
+    ids = list(tokenizer.encode(prompt_text(render_chat, held[0])))
     max_shift = float(np.abs(all_logits(model, adapters, None, ids) - all_logits(model, adapters, name, ids)).max())
 
     speed = {"without_adapter": [], "with_adapter": []}
     for record in held[: section.prompts]:
-        prompt = prompt_part(template, record["prompt"])
-        entry = {"prompt": record["prompt"], "reference": record["response"]}
+        prompt = prompt_text(render_chat, record)
+        entry = {"prompt": record.prompt, "reference": record.response}
         for label, adapter in (("without_adapter", None), ("with_adapter", name)):
             start = time.perf_counter()
             pieces = list(stream(model, tokenizer, adapters, adapter, prompt, section.max_new_tokens))
@@ -79,7 +81,7 @@ def evaluate_target(folder: Path, target: str, section: EvaluateSection, name: s
             entry[label] = "".join(pieces)
             speed[label].append(len(pieces) / elapsed if elapsed > 0 else 0.0)
         quality["generations"].append(entry)
-        log.info("%s: %r\n    without adapter: %r\n    with adapter:    %r", target, record["prompt"],
+        log.info("%s: %r\n    without adapter: %r\n    with adapter:    %r", target, record.prompt,
                  entry["without_adapter"][:120], entry["with_adapter"][:120])
 
     if not any(g["with_adapter"].strip() for g in quality["generations"]):
@@ -116,7 +118,9 @@ def build(export_dir: Path, finetune_dir: Path, section: EvaluateSection, export
     name = export.adapter_name
     template, held = read_heldout(finetune_dir)
 
-    report: dict = {"adapter": name, "heldout_records": len(held), "targets": {}}
+    # chat (tasks/chat.py) renders turns the way the adapter was trained: data.template, or null for the
+    # package's own chat template (chat_template.jinja)
+    report: dict = {"adapter": name, "heldout_records": len(held), "template": template, "targets": {}}
     speed: dict = {"max_new_tokens": section.max_new_tokens, "decode_tokens_per_s": {}}
     for target in export.targets:
         if not target_runs_here(target):
@@ -171,10 +175,14 @@ def render_model_card(report: dict, provenance: dict, export: ExportSection) -> 
     base = provenance.get("base", {}).get("facts", {})
     quant = provenance.get("quantize", {}).get("config", {}).get("quantize", {})
     tune = provenance.get("finetune", {}).get("config", {}).get("finetune", {})
+    targets = provenance.get("finetune", {}).get("facts", {}).get("target_modules") or tune.get("target_modules", [])
     if base.get("source") == "hub":
         source = f"{base.get('repo_id')} at commit {base.get('revision')}"
     elif base.get("profile", "tiny") == "tiny":
-        source = "the project's tiny random-init Phi-3 (architecture of Phi-3.5-mini-instruct, small sizes)"
+        from tasks.families import FAMILIES
+
+        label = FAMILIES[base.get("family", "phi3")].label
+        source = f"the project's tiny random-init {label} model (the family's architecture, small sizes)"
     else:
         source = f"random-init weights with the exact sizes of profile {base.get('profile')} (a benchmark model: it knows nothing)"
     first = next(t for t in export.targets)
@@ -185,7 +193,7 @@ def render_model_card(report: dict, provenance: dict, export: ExportSection) -> 
         f"{quant.get('zero_point')}, exported as MatMulNBits for the execution providers "
         f"{', '.join(export.targets)}, one folder each.",
         f"- Adapter `{export.adapter_name}` (`{export.adapter_name}{ADAPTER_SUFFIX}`): LoRA rank {tune.get('rank')}, "
-        f"alpha {tune.get('alpha')}, {tune.get('max_steps')} steps on {', '.join(tune.get('target_modules', []))}.",
+        f"alpha {tune.get('alpha')}, {tune.get('max_steps')} steps on {', '.join(targets)}.",
     ]
     for target, quality in report["targets"].items():
         if quality["evaluated"]:
@@ -198,13 +206,17 @@ def render_model_card(report: dict, provenance: dict, export: ExportSection) -> 
         lines.append(f"- Adapter `{other}` (`{other}{ADAPTER_SUFFIX}`): the same LoRA settings, trained on its own "
                      "dataset; load it beside the others and switch by name (report.md).")
     lines += [
-        "", "## Use", "", "```python", "import onnxruntime_genai as og",
+        "", "## Use", "", "```python", "import json", "import onnxruntime_genai as og",
         f"model = og.Model('{first}')", "tokenizer = og.Tokenizer(model)", "adapters = og.Adapters(model)",
         f"adapters.load('{first}/{export.adapter_name}{ADAPTER_SUFFIX}', '{export.adapter_name}')",
         "params = og.GeneratorParams(model)", "params.set_search_options(max_length=256)",
         "generator = og.Generator(model, params)",
         f"generator.set_active_adapter(adapters, '{export.adapter_name}')  # omit for the base model",
-        "generator.append_tokens(tokenizer.encode('<|user|>\\nwhat is the best thing to see in chicago<|end|>\\n<|assistant|>\\n'))",
+        *(["prompt = tokenizer.apply_chat_template(json.dumps([{'role': 'user', 'content': "
+            "'what is the best thing to see in chicago'}]), add_generation_prompt=True)"]
+          if report.get("template") is None else
+          [f"prompt = {prompt_part(report['template'], 'what is the best thing to see in chicago')!r}  # data.template"]),
+        "generator.append_tokens(tokenizer.encode(prompt))",
         "```", "", f"Or: `python -m tasks chat --package . --target {first}`", "",
         "## Provenance (sha256 of each stage's MANIFEST.json)", "",
     ]

@@ -10,8 +10,12 @@ with an adapter it fails inside peft. Instead:
 2. every LoRA-targeted MatMulNBits gets ``y = base(x) + (x @ A) @ B`` grafted on, with A and B as graph
    inputs (rank as a symbolic dim) whose default is a rank-1 zero initializer, so the model runs with
    no adapter active and an adapter file overrides them;
-3. the trained LoRA is written with onnxruntime's AdapterFormat (A = lora_A.T, B = (alpha/r) lora_B.T;
-   the builder splits gate_up_proj into gate_proj and up_proj, so B's output rows are split too);
+3. the trained LoRA is written with onnxruntime's AdapterFormat (A = lora_A.T, B = (alpha/r) lora_B.T).
+   The builder packs some projections and splits others (Llama's q/k/v into one qkv_proj, Phi-3's
+   gate_up_proj into gate_proj and up_proj), so each LoRA module is matched to the builder's MatMuls
+   by the output rows (parts) both compute, checked against the node's N and K (tasks/families.py):
+   B's rows are split or placed at their offset, and modules sharing a MatMul share one branch whose
+   rank is the sum of theirs (A side by side, B stacked), which is exact;
 4. logits of the last prompt token on held-out prompts are compared with the AWQ checkpoint's (its
    float twin, with and without the adapter); past ``max_abs_logit_diff``/``min_cosine`` the stage fails.
 
@@ -35,6 +39,8 @@ log = logging.getLogger(__name__)
 ADAPTER_SUFFIX = ".onnx_adapter"
 # peft module path -> the builder's node path; the builder renames self_attn to attn.
 PEFT_MODULE_RE = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+BUILDER_NODE_RE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMulNBits$")
+BLOCK_OF = {"attn": "self_attn", "mlp": "mlp"}
 
 
 def run_builder(awq_dir: Path, out: Path, target: str, cache: Path) -> None:
@@ -43,6 +49,10 @@ def run_builder(awq_dir: Path, out: Path, target: str, cache: Path) -> None:
     extra = {"int4_accuracy_level": "1"} if target == "cpu" else {}
     # Keep lm_head in float: AWQ leaves it unquantized, and re-quantizing it costs exactness.
     extra["int4_nodes_to_exclude"] = ["/lm_head/MatMul"]
+    # Tied embeddings (Llama 3.2 1B/3B, Qwen, Gemma): the builder's shared path reads an int4 lm_head
+    # that the exclusion above never makes (onnxruntime-genai 0.14.1 writes a graph with a dangling
+    # input), so the embedding gets its own float copy.
+    extra["shared_embeddings"] = False
     create_model("", str(awq_dir), str(out), "int4", target, str(cache), **extra)
 
 
@@ -58,50 +68,95 @@ def lora_tensors(adapter_dir: Path) -> tuple[dict[tuple[int, str], dict[str, "ob
     for name, tensor in load_file(adapter_dir / "adapter_model.safetensors").items():
         match = PEFT_MODULE_RE.search(name)
         if not match:
-            raise PipelineError(f"unexpected tensor {name} in the adapter; export supports LoRA on Phi-3 linears only")
+            raise PipelineError(f"unexpected tensor {name} in the adapter; export supports LoRA on the decoder "
+                                "blocks' linears only (finetune.target_modules)")
         layer, _, module, which = match.groups()
         pairs.setdefault((int(layer), module), {})[which] = tensor
     return pairs, scale
 
 
-def node_targets(module: str, n_out: int) -> list[tuple[str, slice]]:
-    """Builder node paths that a peft module maps to, with the rows of lora_B each one takes."""
-    group = "mlp" if module in ("gate_up_proj", "down_proj") else "attn"
-    if module == "gate_up_proj":
-        half = n_out // 2  # Phi-3 computes gate, up = gate_up_proj(x).chunk(2)
-        return [("mlp/gate_proj", slice(0, half)), ("mlp/up_proj", slice(half, n_out)),
-                ("mlp/gate_up_proj", slice(0, n_out))]
-    return [(f"{group}/{module}", slice(0, n_out))]
+def read_config(model_dir: Path) -> dict:
+    return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
 
 
-def _lora_sites(graph, adapter_dir: Path):
-    """For every LoRA-targeted MatMulNBits of the graph: (node, param name prefix, A name, B name, dtype,
-    A param, B param), with A = lora_A.T and B = (alpha/r) lora_B.T in the node's activation dtype."""
+def builder_nodes(graph) -> dict[tuple[int, str], tuple[object, tuple[str, ...]]]:
+    """{(layer, block): [(node, parts)]} of the graph's int4 MatMuls inside the decoder blocks."""
+    from tasks.families import BUILDER_PARTS
+
+    nodes: dict = {}
+    for node in graph.node:
+        match = BUILDER_NODE_RE.match(node.name)
+        if match and node.op_type == "MatMulNBits" and match.group(3) in BUILDER_PARTS:
+            layer, block, name = int(match.group(1)), BLOCK_OF[match.group(2)], match.group(3)
+            nodes.setdefault((layer, block), []).append((node, BUILDER_PARTS[name]))
+    return nodes
+
+
+def _attribute(node, name: str) -> int:
+    return next(a.i for a in node.attribute if a.name == name)
+
+
+def _lora_sites(graph, adapter_dir: Path, config: dict):
+    """For every int4 MatMul of the graph that a LoRA module reaches: (node, param name prefix, A name,
+    B name, dtype, A param [K, r_total], B param [r_total, N]) in the node's activation dtype, with
+    B = (alpha/r) lora_B.T placed at the output rows of the parts the module computes there."""
     import numpy as np
     from onnx import TensorProto
 
-    nodes = {n.name: n for n in graph.node}
+    from tasks.families import family_of, part_sizes
+
+    family = family_of(config, "the quantized model's config.json")
+    sizes = part_sizes(config)
     scales_dtype = {i.name: i.data_type for i in graph.initializer if i.name.endswith(".scales")}
+    nodes = builder_nodes(graph)
     pairs, scale = lora_tensors(adapter_dir)
+    per_node: dict[str, list] = {}  # node name -> [(module, A [K, r], B [r, N])]
+    node_of = {}
     for (layer, module), ab in sorted(pairs.items()):
+        if module not in family.linears:
+            raise PipelineError(f"the adapter trains {module}, which {family.label} does not have; retrain it with "
+                                "finetune.target_modules of this model's family")
+        block, parts = family.linears[module]
         a, b = ab["A"].astype(np.float32), ab["B"].astype(np.float32)
-        grafted = 0
-        for path, rows in node_targets(module, b.shape[0]):
-            node = nodes.get(f"/model/layers.{layer}/{path}/MatMulNBits")
-            if node is None:
+        rows = dict(zip(parts, np.split(np.arange(b.shape[0]), np.cumsum([sizes[p] for p in parts])[:-1])))
+        if b.shape[0] != sum(sizes[p] for p in parts):
+            raise PipelineError(f"layers.{layer}.{module}: the adapter has {b.shape[0]} output rows, config.json says "
+                                f"{sum(sizes[p] for p in parts)}; the adapter was trained on another model")
+        reached = set()
+        for node, node_parts in nodes.get((layer, block), []):
+            shared = [p for p in node_parts if p in parts]
+            if not shared:
                 continue
-            dtype = scales_dtype[node.input[2]]
-            np_dtype = np.float16 if dtype == TensorProto.FLOAT16 else np.float32
-            base = f"model.layers.{layer}.{path.replace('/', '.')}"
-            yield (node, base, f"{base}.lora_A", f"{base}.lora_B", dtype,
-                   np.ascontiguousarray(a.T).astype(np_dtype), np.ascontiguousarray((b[rows] * scale).T).astype(np_dtype))
-            grafted += 1
-        if not grafted:
-            raise PipelineError(f"no MatMulNBits node for layers.{layer}.{module} in the exported graph; "
-                                "the builder's node names changed: check onnxruntime-genai's version against the lock")
+            n, k = _attribute(node, "N"), _attribute(node, "K")
+            if n != sum(sizes[p] for p in node_parts) or k != a.shape[1]:
+                raise PipelineError(f"{node.name} is [{k} -> {n}], not what layers.{layer}.{module} computes; the "
+                                    "builder's layout changed: check onnxruntime-genai's version against the lock")
+            placed = np.zeros((b.shape[1], n), np.float32)
+            offset = 0
+            for p in node_parts:
+                if p in shared:
+                    placed[:, offset:offset + sizes[p]] = (b[rows[p]] * scale).T
+                offset += sizes[p]
+            per_node.setdefault(node.name, []).append((module, a.T, placed))
+            node_of[node.name] = node
+            reached.update(shared)
+        if reached != set(parts):
+            raise PipelineError(f"no MatMulNBits computes {sorted(set(parts) - reached)} of layers.{layer}.{module} in "
+                                "the exported graph; the builder's node names changed: check onnxruntime-genai's "
+                                "version against the lock")
+    for name in sorted(per_node, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)]):
+        node, branches = node_of[name], per_node[name]
+        dtype = scales_dtype[node.input[2]]
+        np_dtype = np.float16 if dtype == TensorProto.FLOAT16 else np.float32
+        match = BUILDER_NODE_RE.match(name)
+        base = f"model.layers.{match.group(1)}.{match.group(2)}.{match.group(3)}"
+        a_all = np.concatenate([a for _, a, _ in branches], axis=1)
+        b_all = np.concatenate([b for _, _, b in branches], axis=0)
+        yield (node, base, f"{base}.lora_A", f"{base}.lora_B", dtype,
+               np.ascontiguousarray(a_all).astype(np_dtype), np.ascontiguousarray(b_all).astype(np_dtype))
 
 
-def graft_lora(model_path: Path, adapter_dir: Path, out_model: Path) -> dict[str, "object"]:
+def graft_lora(model_path: Path, adapter_dir: Path, out_model: Path, config: dict) -> dict[str, "object"]:
     """Rewrite the graph with LoRA branches; return the adapter parameters keyed by graph input name."""
     import numpy as np
     import onnx
@@ -111,7 +166,7 @@ def graft_lora(model_path: Path, adapter_dir: Path, out_model: Path) -> dict[str
     graph = model.graph
     params: dict[str, object] = {}
     branches: dict[str, list] = {}  # base node name -> LoRA nodes to place right after it
-    for node, base, a_name, b_name, dtype, a_param, b_param in list(_lora_sites(graph, adapter_dir)):
+    for node, base, a_name, b_name, dtype, a_param, b_param in list(_lora_sites(graph, adapter_dir, config)):
         params[a_name], params[b_name] = a_param, b_param
         k, n = a_param.shape[0], b_param.shape[1]
         # Graph inputs with a rank-1 zero default: no adapter active == base model exactly.
@@ -216,7 +271,7 @@ def export_target(awq_dir: Path, finetune_dir: Path, section: ExportSection, tar
     log.info("model builder: %s -> int4 MatMulNBits for %s", awq_dir, target)
     run_builder(awq_dir, raw, target, scratch / "cache")
     log.info("grafting LoRA branches and writing %s/%s%s", target, section.adapter_name, ADAPTER_SUFFIX)
-    params = graft_lora(raw / "model.onnx", finetune_dir / "adapter", out / "model.onnx")
+    params = graft_lora(raw / "model.onnx", finetune_dir / "adapter", out / "model.onnx", read_config(awq_dir))
     for item in sorted(raw.iterdir()):
         if item.name not in ("model.onnx", "model.onnx.data"):
             (out / item.name).write_bytes(item.read_bytes())
@@ -229,12 +284,16 @@ def export_target(awq_dir: Path, finetune_dir: Path, section: ExportSection, tar
     return {"checked": True, **check_logits(out, awq_dir, finetune_dir / "adapter", adapter_file, prompts, section, target)}
 
 
-def check_prompts(finetune_dir: Path, count: int) -> list[str]:
-    """The first held-out prompts of a finetune, as the model sees them at inference."""
-    from tasks.data import prompt_part, read_heldout
+def check_prompts(finetune_dir: Path, count: int, awq_dir: Path) -> list[str]:
+    """The first held-out prompts of a finetune, as the model sees them at inference (rendered in the
+    format it trained with)."""
+    from transformers import AutoTokenizer
+
+    from tasks.data import chat_renderer, prompt_text, read_heldout
 
     template, held = read_heldout(finetune_dir)
-    return [prompt_part(template, r["prompt"]) for r in held[:count]]
+    render_chat = chat_renderer(AutoTokenizer.from_pretrained(awq_dir), template, awq_dir)
+    return [prompt_text(render_chat, r) for r in held[:count]]
 
 
 def build_adapter(export_dir: Path, awq_dir: Path, finetune_dir: Path, section: ExportSection, name: str,
@@ -243,13 +302,13 @@ def build_adapter(export_dir: Path, awq_dir: Path, finetune_dir: Path, section: 
     the primary adapter's modules defined), logits checked like the export's own adapter."""
     import onnx
 
-    prompts = check_prompts(finetune_dir, section.check_prompts)
+    prompts = check_prompts(finetune_dir, section.check_prompts, awq_dir)
     checks = {}
     for target in section.targets:
         model_path = export_dir / target / "model.onnx"
         graph = onnx.load(str(model_path), load_external_data=False).graph
         params = {}
-        for _, _, a_name, b_name, _, a_param, b_param in _lora_sites(graph, finetune_dir / "adapter"):
+        for _, _, a_name, b_name, _, a_param, b_param in _lora_sites(graph, finetune_dir / "adapter", read_config(awq_dir)):
             params[a_name], params[b_name] = a_param, b_param
         missing = sorted(set(params) - {i.name for i in graph.input})
         if missing:
@@ -270,7 +329,7 @@ def build_adapter(export_dir: Path, awq_dir: Path, finetune_dir: Path, section: 
 
 
 def build(awq_dir: Path, finetune_dir: Path, section: ExportSection, out: Path, scratch: Path) -> dict:
-    prompts = check_prompts(finetune_dir, section.check_prompts)
+    prompts = check_prompts(finetune_dir, section.check_prompts, awq_dir)
     checks = {}
     for target in section.targets:
         checks[target] = export_target(awq_dir, finetune_dir, section, target, out / target, scratch, prompts)

@@ -4,8 +4,10 @@ Quantize first, then finetune: the adapter learns against the 4-bit weights and 
 the quantization loss. Olive's LoRA pass would load the AWQ folder through transformers' AWQ
 integration, which needs gptqmodel (CUDA 13 line only), so peft trains on the twin directly.
 
-The loss covers the response tokens only (the prompt part of the template is masked), on a held-out
-split that evaluate and export reuse. Output: ``adapter/`` (peft format), ``heldout.jsonl``,
+Records are rendered in the model's own chat template (or ``data.template``); the loss covers the
+assistant turns only (every other token is masked), on a held-out split that evaluate and export
+reuse. LoRA targets every linear of the decoder blocks unless ``finetune.target_modules`` names some
+(tasks/families.py). Output: ``adapter/`` (peft format), ``heldout.jsonl``,
 ``metrics.json`` (train/eval loss curve).
 """
 
@@ -19,19 +21,21 @@ from pathlib import Path
 
 from tasks.awq_twin import load_float_twin
 from tasks.config import DataSection, FinetuneSection
-from tasks.data import Record, check_special_tokens, load_dataset, prompt_part, render
+from tasks.data import Record, Render, assistant_spans, chat_renderer, check_special_tokens, load_dataset
 from tasks.progress import step_progress
 
 log = logging.getLogger(__name__)
 
 
-def encode(tokenizer, template: str, record: Record, max_len: int) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered record and labels with the prompt part masked (-100)."""
-    prompt_ids = tokenizer.encode(prompt_part(template, record.prompt), add_special_tokens=False)
-    full_ids = tokenizer.encode(render(template, record), add_special_tokens=False)[:max_len]
-    n_prompt = min(len(prompt_ids), len(full_ids))
-    labels = [-100] * n_prompt + full_ids[n_prompt:]
-    return full_ids, labels
+def encode(tokenizer, render_chat: Render, record: Record, max_len: int, path="dataset") -> tuple[list[int], list[int]]:
+    """Token ids of the rendered record and labels that keep the assistant turns only (the rest -100).
+    The whole conversation is tokenized once; a token belongs to an answer if it starts inside one."""
+    text, spans = assistant_spans(render_chat, record, path)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"][:max_len]
+    labels = [tok if any(s <= start < e for s, e in spans) else -100
+              for tok, (start, _) in zip(ids, encoded["offset_mapping"])]
+    return ids, labels
 
 
 def tokenizer_special_tokens(tokenizer) -> set[str]:
@@ -117,6 +121,7 @@ def train(awq_dir: Path, data: DataSection, section: FinetuneSection, dataset: P
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
+    from tasks.families import family_of
     from tasks.quantize import select_device
 
     select_device(device)
@@ -132,19 +137,22 @@ def train(awq_dir: Path, data: DataSection, section: FinetuneSection, dataset: P
     # check saw the chat template's markers; this tokenizer may have more (e.g. a Hub model's </s>)
     check_special_tokens(dataset, train + held, data.template, tokenizer_special_tokens(tokenizer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_ex = [encode(tokenizer, data.template, r, section.max_seq_len) for r in train]
-    held_ex = [encode(tokenizer, data.template, r, section.max_seq_len) for r in held]
+    render_chat = chat_renderer(tokenizer, data.template, awq_dir)
+    train_ex = [encode(tokenizer, render_chat, r, section.max_seq_len, dataset) for r in train]
+    held_ex = [encode(tokenizer, render_chat, r, section.max_seq_len, dataset) for r in held]
 
+    family = family_of(json.loads((awq_dir / "config.json").read_text(encoding="utf-8")), f"{awq_dir}/config.json")
+    targets = family.target_modules(section.target_modules)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     model = load_float_twin(awq_dir, dtype, device)
     lora = LoraConfig(
         r=section.rank, lora_alpha=section.alpha, lora_dropout=section.dropout,
-        target_modules=list(section.target_modules), bias="none", task_type="CAUSAL_LM",
+        target_modules=list(targets), bias="none", task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("LoRA r=%d alpha=%g on %s: %d trainable parameters", section.rank, section.alpha,
-             ",".join(section.target_modules), trainable)
+    log.info("LoRA r=%d alpha=%g on %s (%s): %d trainable parameters", section.rank, section.alpha,
+             ",".join(targets), family.label, trainable)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=section.learning_rate)
     warmup = max(1, section.max_steps // 10)
@@ -199,11 +207,13 @@ def train(awq_dir: Path, data: DataSection, section: FinetuneSection, dataset: P
     _normalise_adapter_config(out / "adapter" / "adapter_config.json")
     with open(out / "heldout.jsonl", "w", encoding="utf-8") as fh:
         for r in held:
-            fh.write(json.dumps({"prompt": r.prompt, "response": r.response, "line": r.line}, ensure_ascii=False) + "\n")
+            fh.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
     metrics = {
         "train_records": len(train), "heldout_records": len(held), "trainable_parameters": trainable,
-        "template": data.template, "loss": history,
+        "template": data.template, "chat_template": None if data.template else tokenizer.chat_template,
+        "target_modules": list(targets), "loss": history,
         "heldout_loss_before": history["eval"][0][1], "heldout_loss_after": history["eval"][-1][1],
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return {"heldout_loss_before": metrics["heldout_loss_before"], "heldout_loss_after": metrics["heldout_loss_after"]}
+    return {"heldout_loss_before": metrics["heldout_loss_before"], "heldout_loss_after": metrics["heldout_loss_after"],
+            "target_modules": list(targets)}

@@ -10,6 +10,8 @@ from tasks.paths import Paths
 
 def preflight(cfg: PipelineConfig, paths: Paths) -> None:
     """Raise PipelineError naming the first problem; return quietly when everything is usable."""
+    family = model_family(cfg)
+    family.target_modules(cfg.finetune.target_modules)  # a name this family does not have: one line
     tokens = known_special_tokens(cfg)
     load_dataset(paths.check_input("data.path", cfg.data.path), cfg.data.template, cfg.data.eval_fraction,
                  cfg.data.split_seed, tokens)
@@ -41,16 +43,62 @@ def preflight(cfg: PipelineConfig, paths: Paths) -> None:
         check_placement_names(cfg)  # a typo'd stage name would otherwise pin nothing, silently
 
 
+def model_family(cfg: PipelineConfig):
+    """The model's family, before anything is built or downloaded. A Hub model's config.json (a few KB)
+    is read first, from the HF cache or the Hub, so an unsupported architecture is refused in one line
+    instead of after a multi-GB download."""
+    from tasks.config import SHAPE_PROFILES
+    from tasks.families import FAMILIES, family_of
+
+    if cfg.model.profile in SHAPE_PROFILES:
+        return FAMILIES[SHAPE_PROFILES[cfg.model.profile].get("family", "phi3")]
+    if not cfg.model.hub_source:
+        return FAMILIES[cfg.model.tiny.family]
+    repo_id, revision = cfg.model.hub_source
+    return family_of(hub_config(repo_id, revision), f"{repo_id}@{revision[:12]} config.json")
+
+
+def hub_config(repo_id: str, revision: str) -> dict:
+    import json
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+    )
+
+    try:
+        path = hf_hub_download(repo_id, "config.json", revision=revision)
+    except GatedRepoError:
+        raise PipelineError(f"{repo_id} is gated; accept its license on huggingface.co and export HF_TOKEN with "
+                            "read access") from None
+    except RevisionNotFoundError:
+        raise PipelineError(f"{repo_id} has no commit {revision}; pin a commit from the model's history") from None
+    except RepositoryNotFoundError:
+        raise PipelineError(f"{repo_id} not found on the Hub (or private); check model.repo_id, or export HF_TOKEN "
+                            "if it is private") from None
+    except LocalEntryNotFoundError:
+        raise PipelineError(
+            f"{repo_id}@{revision[:12]} is not in the local HF cache and the Hub cannot be reached "
+            "(HF_HUB_OFFLINE set or no network); run once with network access or point HF_HOME at a cache that has it"
+        ) from None
+    except EntryNotFoundError:
+        raise PipelineError(f"{repo_id}@{revision[:12]} has no config.json; it is not a transformers model") from None
+    try:
+        return json.loads(open(path, encoding="utf-8").read())
+    except (ValueError, UnicodeDecodeError):
+        raise PipelineError(f"{repo_id}@{revision[:12]}: config.json is not valid JSON") from None
+
+
 def known_special_tokens(cfg: PipelineConfig) -> tuple[str, ...]:
-    """Special tokens a record must not hold, known without loading a tokenizer: Phi-3.5's own for the
-    built-in profiles (tiny, the shape profile and the pinned Phi-3.5-mini all use them); none for
-    another Hub model. The template's own <|...|> markers are always checked too, and finetune checks
-    again against the loaded tokenizer's special and added tokens."""
+    """Special tokens a record must not hold, known without loading a tokenizer: the family's own for
+    the locally built profiles, Phi-3.5's for the pinned Phi-3.5-mini (Phi-3.5's markers, as in the
+    tiny Phi-3); none for another Hub model. The template's own <|...|> markers are always checked too,
+    and finetune checks again against the loaded tokenizer's special and added tokens."""
+    from tasks.families import FAMILIES
+
     if cfg.model.profile == "hub":
         return ()
-    from tasks.base_model import SPECIAL_TOKENS
-
-    return tuple(SPECIAL_TOKENS)
+    return FAMILIES["phi3"].special_tokens if cfg.model.hub_source else model_family(cfg).special_tokens
 
 
 def check_runtime_variant(cfg: PipelineConfig) -> None:

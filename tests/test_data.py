@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from tasks.config import LAB_TEMPLATE, load_config
-from tasks.data import Record, check_template, load_dataset, load_records, prompt_part, render, split
+from tasks.data import (Record, check_template, load_dataset, load_records, prompt_part, render, split,
+                        text_renderer)
 from tasks.errors import PipelineError
 from tasks.preflight import known_special_tokens
 
@@ -78,19 +79,19 @@ def test_template_field_not_in_data_is_named():
 
 
 def test_lab_template_renders_and_prompt_part_ends_at_the_assistant_turn():
-    r = Record("what is the best thing to see in chicago", "The Bean.", 1)
+    r = Record.pair("what is the best thing to see in chicago", "The Bean.", 1)
     assert render(LAB_TEMPLATE, r) == "<|user|>\nwhat is the best thing to see in chicago<|end|>\n<|assistant|>\nThe Bean.<|end|>"
     assert prompt_part(LAB_TEMPLATE, r.prompt) == "<|user|>\nwhat is the best thing to see in chicago<|end|>\n<|assistant|>\n"
 
 
 def test_split_keeps_at_least_one_record_out():
-    records = [Record(f"p{i}", "r", i) for i in range(5)]
+    records = [Record.pair(f"p{i}", "r", i) for i in range(5)]
     train, held = split(records, 0.01, 0)
     assert len(held) == 1 and len(train) == 4
 
 
 def test_a_prompt_holding_the_response_placeholder_is_trained_as_plain_text():
-    r = Record("What do {response} and {prompt} mean in a template?", "Fields.", 1)
+    r = Record.pair("What do {response} and {prompt} mean in a template?", "Fields.", 1)
     text = render(LAB_TEMPLATE, r)
     assert text == ("<|user|>\nWhat do {response} and {prompt} mean in a template?<|end|>\n<|assistant|>\n"
                     "Fields.<|end|>")
@@ -98,7 +99,7 @@ def test_a_prompt_holding_the_response_placeholder_is_trained_as_plain_text():
 
 
 def test_doubled_braces_in_a_template_are_literal_braces():
-    r = Record("hi", "yo", 1)
+    r = Record.pair("hi", "yo", 1)
     assert render('{{"q": "{prompt}"}}\n{response}', r) == '{"q": "hi"}\nyo'
     assert prompt_part('{{"q": "{prompt}"}}\n{response}', r.prompt) == '{"q": "hi"}\n'
 
@@ -128,7 +129,7 @@ def test_finetune_masks_exactly_the_response_and_rechecks_every_token_its_tokeni
     from tasks.finetune import encode, tokenizer_special_tokens
 
     tokenizer = train_tokenizer(REPO / "data" / "tokenizer_corpus.txt", 2000)
-    ids, labels = encode(tokenizer, LAB_TEMPLATE, Record("Say {response} twice", "ok", 1), 256)
+    ids, labels = encode(tokenizer, text_renderer(LAB_TEMPLATE), Record.pair("Say {response} twice", "ok", 1), 256)
     assert tokenizer.decode([label for label in labels if label != -100]) == "ok<|end|>"
     tokens = tokenizer_special_tokens(tokenizer)
     assert tokens >= {"<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"}
@@ -149,3 +150,58 @@ def test_the_check_refuses_an_injected_turn_in_one_line_with_exit_code_2_before_
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert f"travel_qa.jsonl:{lines}: field 'response' holds the special token '<|end|>'" in result.stderr
     assert not (project / "build").exists()
+
+
+def conversation(*turns, **extra):
+    return json.dumps({"messages": [{"role": r, "content": c} for r, c in turns], **extra})
+
+
+def test_messages_records_load_as_conversations_beside_prompt_response_ones(tmp_path):
+    path = write_lines(tmp_path, [record(p="a", r="b"),
+                                  conversation(("system", "Be brief."), ("user", "hi"), ("assistant", "yo"),
+                                               ("user", "where?"), ("assistant", "Rome."))])
+    pair, chat = load_records(path)
+    assert pair.messages == (("user", "a"), ("assistant", "b"))
+    assert chat.messages[0] == ("system", "Be brief.") and (chat.prompt, chat.response) == ("where?", "Rome.")
+    assert Record.from_json(json.loads(json.dumps(chat.to_json()))) == chat
+
+
+@pytest.mark.parametrize("turns, problem", [
+    ((("assistant", "hi"),), "must start with a user turn"),
+    ((("user", "hi"),), "must end with an assistant turn"),
+    ((("user", "hi"), ("system", "x"), ("assistant", "yo")), "system message may only come first"),
+    ((("user", "hi"), ("tool", "x"), ("assistant", "yo")), "role 'tool'"),
+    ((("user", ""), ("assistant", "yo")), r"messages\[0\].content must be a non-empty string"),
+])
+def test_a_malformed_conversation_is_one_line_with_file_and_line(tmp_path, turns, problem):
+    path = write_lines(tmp_path, [record(), conversation(*turns)])
+    with pytest.raises(PipelineError, match=rf"{path}:2: .*{problem}"):
+        load_records(path)
+
+
+def test_a_text_template_refuses_a_multi_turn_conversation_and_names_the_fix(tmp_path):
+    path = write_lines(tmp_path, [record(), conversation(("user", "a"), ("assistant", "b"), ("user", "c"),
+                                                         ("assistant", "d"))])
+    with pytest.raises(PipelineError, match=rf"{path}:2: .*remove data.template to use the model's own chat template"):
+        load_dataset(path, LAB_TEMPLATE, 0.1, 0)
+    assert len(load_dataset(path, None, 0.1, 0)[0]) == 1
+
+
+@pytest.mark.parametrize("family", ["phi3", "llama", "qwen2", "mistral", "gemma2"])
+def test_training_on_the_models_chat_template_counts_every_assistant_turn_and_nothing_else(family):
+    from tasks.base_model import train_tokenizer
+    from tasks.data import chat_renderer
+    from tasks.families import FAMILIES
+    from tasks.finetune import encode
+
+    fam = FAMILIES[family]
+    tokenizer = train_tokenizer(REPO / "data" / "tokenizer_corpus.txt", 600, fam)
+    turns = [("user", "hi there"), ("assistant", "Hello."), ("user", "best museum in Paris?"), ("assistant", "The Louvre.")]
+    if family != "gemma2":  # Gemma's format has no system turn
+        turns.insert(0, ("system", "You are a travel guide."))
+    ids, labels = encode(tokenizer, chat_renderer(tokenizer, None, family), Record(tuple(turns), 1), 512)
+    trained = tokenizer.decode([label for label in labels if label != -100])
+    assert "Hello." in trained and "The Louvre." in trained
+    assert "hi there" not in trained and "museum" not in trained and "travel guide" not in trained
+    # each answer is trained with the marker that closes its turn, so the model learns to stop
+    assert trained.count(fam.end_of_turn[0]) == 2 or trained.count(fam.eos) >= 2
