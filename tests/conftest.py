@@ -59,6 +59,27 @@ def manifest_digests(project: Path, build_dir: str = "build/tiny") -> dict[str, 
             for s in STAGES}
 
 
+def make_hub_cache(model_dir: Path, hf_home: Path, repo_id: str, revision: str) -> Path:
+    """A model folder as the HF cache holds a download: models--org--name/{blobs/<sha256>,
+    snapshots/<commit>/<file> -> blob, refs/main}. Returns the snapshot folder."""
+    import hashlib
+
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for path in sorted(model_dir.iterdir()):
+        if path.name == "MANIFEST.json" or not path.is_file():
+            continue
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / path.name)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
 def copy_project(src: Path, dst: Path) -> Path:
     """Copy a built project (outputs and doit state included; mtimes kept) to mutate it safely."""
     shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))

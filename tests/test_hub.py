@@ -1,13 +1,13 @@
 """The Hub path of the base stage, offline, against a local cache in the Hub's own layout holding
 the project's tiny model (nothing can be downloaded here)."""
 
-import hashlib
 import os
 import subprocess
 import sys
 
 import pytest
 
+import conftest
 from tasks.manifest import file_table
 
 pytestmark = pytest.mark.slow
@@ -16,20 +16,7 @@ REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
 def make_hub_cache(model_dir, hf_home):
-    """models--org--name/{blobs/<sha256>, snapshots/<commit>/<file> -> blob, refs/main}."""
-    repo = hf_home / "hub" / f"models--{REPO_ID.replace('/', '--')}"
-    (repo / "blobs").mkdir(parents=True)
-    snapshot = repo / "snapshots" / REVISION
-    snapshot.mkdir(parents=True)
-    for path in sorted(model_dir.iterdir()):
-        if path.name == "MANIFEST.json":
-            continue
-        data = path.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        os.symlink(os.path.relpath(blob, snapshot), snapshot / path.name)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(REVISION)
+    return conftest.make_hub_cache(model_dir, hf_home, REPO_ID, REVISION)
 
 
 def run_base(project, hf_home, revision=REVISION, *settings, env=None):
