@@ -29,6 +29,8 @@ def build(model: ModelSection, root: Path, out: Path) -> dict:
     if model.hub_source:
         repo_id, revision = model.hub_source
         return fetch_hub_model(repo_id, revision, out, model.trust_remote_code, model.allow_floating_revision)
+    if model.profile == "local":
+        return copy_local_model((root / model.path).resolve(), out, model.trust_remote_code)
     return {**build_tiny_model(model.random_spec, root, out), "profile": model.profile}
 
 
@@ -178,6 +180,28 @@ def check_remote_code(snapshot: Path, repo_id: str, trust_remote_code: bool) -> 
     return "allowed"
 
 
+def model_files(folder: Path, trust_remote_code: bool) -> list[Path]:
+    """The files of a model folder the build takes: HUB_PATTERNS (no pickled weights), *.py only if allowed."""
+    patterns = HUB_PATTERNS + (["*.py"] if trust_remote_code else [])
+    return sorted(p for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and ".cache" not in p.parts
+                  and any(fnmatch.fnmatch(p.relative_to(folder).as_posix(), pat) for pat in patterns))
+
+
+def copy_local_model(folder: Path, out: Path, trust_remote_code: bool = False) -> dict:
+    """A model folder on this machine, cloned into ``out`` with the same filter as a Hub download."""
+    if not (folder / "config.json").is_file():
+        raise PipelineError(f"model.path {folder} has no config.json; point it at a Hugging Face model folder")
+    files = model_files(folder, trust_remote_code)
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise PipelineError(f"model.path {folder} has no safetensors weights; pickled weights are refused "
+                            "(convert them with transformers' save_pretrained(safe_serialization=True))")
+    remote_code = check_remote_code(folder, str(folder), trust_remote_code)
+    for path in files:
+        clone_file(path.resolve(), out / path.relative_to(folder))
+    log.info("copied %d files from %s", len(files), folder)
+    return {"source": "local", "path": str(folder), "remote_code": remote_code}
+
+
 def fetch_hub_model(repo_id: str, revision: str, out: Path, trust_remote_code: bool = False,
                     allow_floating_revision: bool = False) -> dict:
     """snapshot_download at a commit into the standard HF cache (HF_HOME, HF_HUB_OFFLINE and
@@ -213,8 +237,7 @@ def fetch_hub_model(repo_id: str, revision: str, out: Path, trust_remote_code: b
                     revision, commit)
     # Offline, snapshot_download returns the cached snapshot as it is (it cannot apply allow_patterns
     # without the Hub's file list), so the same filter is applied here: no code unless allowed, no pickles.
-    files = sorted(p for p in snapshot.rglob("*") if (p.is_file() or p.is_symlink())
-                   and any(fnmatch.fnmatch(p.relative_to(snapshot).as_posix(), pat) for pat in patterns))
+    files = model_files(snapshot, trust_remote_code)
     if not any(p.suffix == ".safetensors" for p in files):
         raise PipelineError(f"{repo_id}@{revision[:12]} has no safetensors weights; pickled weights are refused")
     remote_code = check_remote_code(snapshot, repo_id, trust_remote_code)

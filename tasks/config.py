@@ -47,7 +47,7 @@ SHAPE_PROFILES: dict[str, dict[str, Any]] = {
         "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
     },
 }
-PROFILES = ("tiny", "hub", *HUB_PROFILES, *SHAPE_PROFILES)
+PROFILES = ("tiny", "hub", "local", *HUB_PROFILES, *SHAPE_PROFILES)
 
 
 def _shown(value: Any) -> str:
@@ -159,10 +159,13 @@ class TinyModel(Section):
 class ModelSection(Section):
     profile: str = "tiny"
     """tiny (built locally, offline; any family via model.tiny.family), phi-3.5-mini (pinned Hub commit), hub
-    (repo_id + revision, any supported family) or a shape profile (random weights with a real model's exact
+    (repo_id + revision, any supported family), local (a model folder on this machine: model.path) or a shape profile (random weights with a real model's exact
     sizes, for benchmarks): phi-3.5-mini-shape, qwen2.5-3b-shape."""
     repo_id: str | None = None
     revision: str | None = None
+    path: str | None = None
+    """Profile local: a Hugging Face model folder (config.json, *.safetensors, tokenizer files), relative to
+    the project folder or absolute. Its files are inputs of the build: editing one rebuilds from base."""
     trust_remote_code: bool = False
     """Allow this Hub model's own Python code (config.json auto_map) to be downloaded and run."""
     allow_floating_revision: bool = False
@@ -188,7 +191,12 @@ class ModelSection(Section):
                 "shown in the model's history on the Hub (or set model.allow_floating_revision = true to "
                 "accept a moving branch or tag, knowing the build can change under you)"
             )
-        if not self.hub_source and (self.trust_remote_code or self.allow_floating_revision):
+        if (self.profile == "local") != bool(self.path):
+            raise ValueError("profile 'local' needs model.path (a model folder), and model.path needs profile 'local'")
+        if not self.hub_source and self.allow_floating_revision:
+            raise ValueError("allow_floating_revision applies to Hub models only, "
+                             f"not to profile {self.profile!r}")
+        if not self.hub_source and self.profile != "local" and self.trust_remote_code:
             raise ValueError("trust_remote_code and allow_floating_revision apply to Hub models only, "
                              f"not to profile {self.profile!r}")
         return self
@@ -199,7 +207,7 @@ class ModelSection(Section):
         if self.profile in SHAPE_PROFILES:
             return TinyModel(**SHAPE_PROFILES[self.profile], seed=self.tiny.seed,
                              tokenizer_corpus=self.tiny.tokenizer_corpus)
-        return None if self.hub_source else self.tiny
+        return None if self.hub_source or self.profile == "local" else self.tiny
 
     @property
     def hub_source(self) -> tuple[str, str] | None:

@@ -30,7 +30,8 @@ def _published_bytes(folder: Path) -> int:
 
 
 def random_model_bytes(cfg: PipelineConfig) -> int:
-    """bf16 bytes of a locally built Phi-3 (embedding + lm_head + decoder layers)."""
+    """bf16 bytes of a locally built model (embedding + lm_head + decoder layers; full attention, so an
+    upper bound for the grouped-query families)."""
     spec = cfg.model.random_spec
     h, i, n, v = spec.hidden_size, spec.intermediate_size, spec.num_hidden_layers, spec.vocab_size
     per_layer = 4 * h * h + 3 * h * i + 2 * h
@@ -41,6 +42,10 @@ def estimated_need(name: str, cfg: PipelineConfig, paths: Paths) -> int | None:
     """Bytes the stage may write into the build folder; None when it cannot be known beforehand."""
     if name == "base":
         # A Hub model goes to the HF cache and is copied; its size is known only to the Hub.
+        if cfg.model.profile == "local":
+            from tasks.stages import base_files
+
+            return sum(paths.data(f).stat().st_size for f in base_files(cfg)) + SLACK
         return None if cfg.model.hub_source else random_model_bytes(cfg) + SLACK
     if name == "quantize":
         return _published_bytes(paths.stage("base")) + SLACK  # int4 + fp16 embeddings < the bf16 base

@@ -10,7 +10,7 @@ from tasks.paths import Paths
 
 def preflight(cfg: PipelineConfig, paths: Paths) -> None:
     """Raise PipelineError naming the first problem; return quietly when everything is usable."""
-    family = model_family(cfg)
+    family = model_family(cfg, paths)
     family.target_modules(cfg.finetune.target_modules)  # a name this family does not have: one line
     tokens = known_special_tokens(cfg)
     load_dataset(paths.check_input("data.path", cfg.data.path), cfg.data.template, cfg.data.eval_fraction,
@@ -43,7 +43,7 @@ def preflight(cfg: PipelineConfig, paths: Paths) -> None:
         check_placement_names(cfg)  # a typo'd stage name would otherwise pin nothing, silently
 
 
-def model_family(cfg: PipelineConfig):
+def model_family(cfg: PipelineConfig, paths: Paths | None = None):
     """The model's family, before anything is built or downloaded. A Hub model's config.json (a few KB)
     is read first, from the HF cache or the Hub, so an unsupported architecture is refused in one line
     instead of after a multi-GB download."""
@@ -52,6 +52,17 @@ def model_family(cfg: PipelineConfig):
 
     if cfg.model.profile in SHAPE_PROFILES:
         return FAMILIES[SHAPE_PROFILES[cfg.model.profile].get("family", "phi3")]
+    if cfg.model.profile == "local":
+        import json
+        from pathlib import Path
+
+        config = (paths.data(cfg.model.path) if paths else Path(cfg.model.path)) / "config.json"
+        if not config.is_file():
+            raise PipelineError(f"model.path: {cfg.model.path} has no config.json; point it at a Hugging Face model folder")
+        try:
+            return family_of(json.loads(config.read_text(encoding="utf-8")), str(config))
+        except (ValueError, UnicodeDecodeError):
+            raise PipelineError(f"model.path: {config} is not valid JSON") from None
     if not cfg.model.hub_source:
         return FAMILIES[cfg.model.tiny.family]
     repo_id, revision = cfg.model.hub_source
@@ -96,7 +107,7 @@ def known_special_tokens(cfg: PipelineConfig) -> tuple[str, ...]:
     and finetune checks again against the loaded tokenizer's special and added tokens."""
     from tasks.families import FAMILIES
 
-    if cfg.model.profile == "hub":
+    if cfg.model.profile in ("hub", "local"):
         return ()
     return FAMILIES["phi3"].special_tokens if cfg.model.hub_source else model_family(cfg).special_tokens
 

@@ -16,7 +16,7 @@ from tasks.config import PipelineConfig
 # where the bytes come out the same).
 COMMON_CODE = ("tasks/__main__.py", "tasks/runner.py", "tasks/manifest.py", "tasks/config.py", "tasks/paths.py",
                "tasks/disk.py", "tasks/provenance.py",
-               "tasks/run_cache.py", "tasks/gpu_slots.py")
+               "tasks/run_cache.py", "tasks/gpu_slots.py", "tasks/families.py")
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,28 @@ class Stage:
     """Input files named by the config (dataset, corpora)."""
 
 
+def base_files(cfg: PipelineConfig) -> list[str]:
+    """The base stage's input files: the tokenizer corpus of a locally built model, or every file of a
+    local model folder (a Hub model is pinned by its commit instead)."""
+    if cfg.model.hub_source:
+        return []
+    if cfg.model.profile != "local":
+        return [cfg.model.tiny.tokenizer_corpus]
+    import fnmatch
+    from pathlib import Path
+
+    from tasks.base_model import HUB_PATTERNS  # noqa: light module until a build function runs
+
+    folder = Path(cfg.model.path)
+    patterns = HUB_PATTERNS + (["*.py"] if cfg.model.trust_remote_code else [])
+    return sorted(str(folder / p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
+                  and any(fnmatch.fnmatch(p.relative_to(folder).as_posix(), pat) for pat in patterns))
+
+
 STAGES: tuple[Stage, ...] = (
-    Stage("base", "base model: random-init Phi-3 built locally (tiny or a real shape), or a Hub model at a pinned commit",
-          (), ("model",), ("tasks/base_model.py",),
-          lambda cfg: [] if cfg.model.hub_source else [cfg.model.tiny.tokenizer_corpus]),
+    Stage("base", "base model: random-init model built locally (tiny or a real shape), a Hub model at a pinned "
+          "commit, or a local model folder",
+          (), ("model",), ("tasks/base_model.py",), lambda cfg: base_files(cfg)),
     Stage("quantize", "AWQ 4-bit (zero point, GEMM) with local calibration text",
           ("base",), ("quantize", "build.device", "model.trust_remote_code"),
           ("tasks/quantize.py", "tasks/awq_search.py", "tasks/awq_twin.py"),
@@ -42,14 +60,14 @@ STAGES: tuple[Stage, ...] = (
     Stage("finetune", "LoRA trained against the 4-bit weights (float twin of the AWQ checkpoint)",
           ("quantize",), ("data", "finetune", "build.device"),
           ("tasks/finetune.py", "tasks/finetune_ddp.py", "tasks/awq_twin.py", "tasks/data.py", "tasks/progress.py",
-           "tasks/quantize.py"),
+           "tasks/quantize.py"),  # select_device
           lambda cfg: [cfg.data.path]),
     Stage("export", "ONNX Runtime GenAI int4 base + switchable .onnx_adapter, logits checked",
           ("quantize", "finetune"), ("export",),
-          ("tasks/export.py", "tasks/genai.py", "tasks/awq_twin.py", "tasks/data.py")),
+          ("tasks/export.py", "tasks/genai.py", "tasks/awq_twin.py", "tasks/data.py")),  # families: COMMON_CODE
     Stage("evaluate", "package = export + report (texts, tokens/s, held-out loss with/without adapter) + model card",
           ("export", "finetune"), ("evaluate", "export.targets", "export.adapter_name"),
-          ("tasks/evaluate.py", "tasks/genai.py", "tasks/data.py")),
+          ("tasks/evaluate.py", "tasks/genai.py", "tasks/data.py", "tasks/export.py")),
 )
 BY_NAME = {s.name: s for s in STAGES}
 FINETUNE_PREFIX, ADAPTER_PREFIX = "finetune_", "adapter_"

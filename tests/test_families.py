@@ -106,3 +106,23 @@ def test_a_lora_target_the_family_does_not_have_is_one_line_naming_its_linears(t
     result = check(project, "model.tiny.family=llama", 'finetune.target_modules=["qkv_proj"]')
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "Llama has no linear 'qkv_proj'" in result.stderr and "q_proj" in result.stderr
+
+
+def test_a_local_model_folder_is_a_profile_and_its_files_are_inputs_of_the_build(tmp_path):
+    project = make_project(tmp_path / "project")
+    doit(project, "base", "model.tiny.family=qwen2", *SIZES, "build.dir=build/src")
+    folder = project / "models/my-qwen"
+    folder.mkdir(parents=True)
+    for path in (project / "build/src/base").iterdir():
+        if path.name != "MANIFEST.json":
+            (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "pytorch_model.bin").write_bytes(b"pickled weights are never taken")
+    local = ["model.profile=local", "model.path=models/my-qwen", "build.dir=build/local"]
+    doit(project, "base", *local)
+    base = project / "build/local/base"
+    assert sorted(p.name for p in base.iterdir()) == sorted([p.name for p in folder.iterdir()
+                                                             if p.suffix != ".bin"] + ["MANIFEST.json"])
+    assert json.loads((base / "MANIFEST.json").read_text())["facts"]["source"] == "local"
+    assert "-- base" in doit(project, "base", *local).stdout  # up to date
+    (folder / "generation_config.json").write_text('{"do_sample": false}\n')
+    assert ".  base" in doit(project, "base", *local).stdout  # an edited model file rebuilds base
