@@ -26,7 +26,7 @@ def compare(a, b):
     return (a - b).abs().max().item(), cos, (a.argmax(-1) == b.argmax(-1)).float().mean().item()
 
 
-def scale_only(base: Path, quantizer_cls):
+def scale_only(base: Path, quantizer_cls, samples: int = 32):
     """AWQ's scale search and scaling without quantizing: must not change what the model computes."""
     from awq import AutoAWQForCausalLM
     from awq.quantize.quantizer import AwqQuantizer
@@ -38,14 +38,29 @@ def scale_only(base: Path, quantizer_cls):
     from tasks.config import QuantizeSection
 
     model.quantize(tokenizer, quant_config=quant_config(QuantizeSection(group_size=64)),
-                   calib_data=read_calibration(REPO / "data" / "calibration.txt"), max_calib_samples=32,
+                   calib_data=read_calibration(REPO / "data" / "calibration.txt"), max_calib_samples=samples,
                    max_calib_seq_len=128, export_compatible=True, apply_clip=False,
                    quantizer_cls=quantizer_cls or AwqQuantizer)
     return compare(before, logits_of(model.model, tokenizer))
 
 
-def test_awq_scaling_alone_preserves_the_model_on_cpu(built_project):
-    max_abs, cos, top1 = scale_only(built_project / "build/tiny/base", _cloning_quantizer_cls())
+def family_base(family: str, tmp_path_factory) -> Path:
+    """A tiny random-init model of ``family`` (hidden 128, 2 layers), as the tiny profile builds it."""
+    from tasks.base_model import build_tiny_model
+    from tasks.config import TinyModel
+
+    out = tmp_path_factory.mktemp(family) / "base"
+    build_tiny_model(TinyModel(family=family, hidden_size=128, intermediate_size=256, vocab_size=1000), REPO, out)
+    return out
+
+
+@pytest.mark.parametrize("family", ["phi3", "llama", "mistral", "qwen2", "qwen3", "gemma2"])
+def test_awq_scaling_alone_preserves_the_model_on_cpu_for_every_family(family, request, tmp_path_factory):
+    """AutoAWQ's search with our CPU fix, on each family's own layer map (which linears are scaled
+    together, against which norm or linear): scaling by s and 1/s must leave the function alone."""
+    base = (request.getfixturevalue("built_project") / "build/tiny/base" if family == "phi3"
+            else family_base(family, tmp_path_factory))
+    max_abs, cos, top1 = scale_only(base, _cloning_quantizer_cls(), 32 if family == "phi3" else 8)
     # fp16 arithmetic: scaling by s and 1/s rounds differently (one fp16 step), nothing more. Top-1
     # is not asserted: a random-init model's logits are nearly tied, so one ulp can flip an argmax.
     assert max_abs < 0.01 and cos > 0.99999, (max_abs, cos, top1)
