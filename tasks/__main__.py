@@ -1,9 +1,10 @@
 """Command line: ``python -m tasks stage NAME`` (what doit runs), ``check``, ``verify``, ``chat``,
-``publish``, ``versions``, ``fetch-package``."""
+``config``, ``publish``, ``versions``, ``fetch-package``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                             ("versions", "list the registered versions of publish.name"),
                             ("fetch-package", "download a registered version and verify it bit for bit"),
                             ("cache", "list the run cache, or `cache gc` to trim it to cache.max_size_gb"),
+                            ("config", "show the effective configuration and where each value comes from"),
                             ("matrix-report", "compare the built [matrix] points (comparison.json/md/png)")):
         p = sub.add_parser(name, help=help_text)
         if name == "stage":
@@ -96,6 +98,15 @@ def main(argv: list[str] | None = None) -> int:
             from tasks.verify import verify
 
             verify(paths, stages_for(cfg))
+            return 0
+        if args.command == "config":
+            from tasks.config_doc import effective
+
+            rows = effective(cfg, root / args.config, args.set)
+            width = max(len(key) for key, _, _ in rows)
+            for key, value, source in rows:
+                shown = "unset" if value is None else json.dumps(value)
+                print(f"{key:<{width}}  {shown}  ({source})")
             return 0
         if args.command == "check":
             from tasks.preflight import preflight

@@ -103,7 +103,7 @@ CONTEXT_WHY = f"Phi-3.5's context is {MAX_CONTEXT:,} positions"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class BuildSection(Section):
@@ -125,16 +125,23 @@ class TinyModel(Section):
     family: str = "phi3"
     """config.json model_type of the family: phi3, llama, mistral, qwen2, qwen3 or gemma2."""
     hidden_size: Annotated[Int, at_most(16384, "that is over 3x Phi-3-medium's 5120")] = Field(256, ge=64)
+    """Hidden size (width) of the locally built model."""
     intermediate_size: Annotated[Int, at_most(65536, "that is over 3x Phi-3-medium's 17920")] = Field(512, ge=64)
+    """Width of the MLP."""
     num_hidden_layers: Int = Field(2, ge=1, le=64)
+    """Decoder layers."""
     num_attention_heads: Annotated[Int, at_most(256, "the supported families have at most 64")] = Field(4, ge=1)
+    """Attention heads."""
     num_key_value_heads: Int | None = Field(None, ge=1, le=256)
     """None: one per attention head for Phi-3, half as many (grouped-query attention) for the others."""
     head_dim: Int | None = Field(None, ge=8, le=512)
     """None: hidden_size / num_attention_heads, or the family's own (Qwen3 and Gemma 2 set it apart)."""
     vocab_size: Int = Field(2000, ge=300, le=262144)
+    """Vocabulary of the BPE tokenizer trained on tokenizer_corpus (the model's rows: at least that)."""
     seed: Seed = 0
+    """Seed of the random init."""
     tokenizer_corpus: str = "data/tokenizer_corpus.txt"
+    """Text the tokenizer is trained on (relative to the project folder)."""
 
     @field_validator("family")
     @classmethod
@@ -162,7 +169,9 @@ class ModelSection(Section):
     (repo_id + revision, any supported family), local (a model folder on this machine: model.path) or a shape profile (random weights with a real model's exact
     sizes, for benchmarks): phi-3.5-mini-shape, qwen2.5-3b-shape."""
     repo_id: str | None = None
+    """Profile hub: the model's repository, e.g. Qwen/Qwen2.5-0.5B-Instruct."""
     revision: str | None = None
+    """Profile hub: a 40-hex commit of that repository (a branch or tag only with allow_floating_revision)."""
     path: str | None = None
     """Profile local: a Hugging Face model folder (config.json, *.safetensors, tokenizer files), relative to
     the project folder or absolute. Its files are inputs of the build: editing one rebuilds from base."""
@@ -222,11 +231,14 @@ class ModelSection(Section):
 
 class DataSection(Section):
     path: str = "data/travel_qa.jsonl"
+    """JSON-lines dataset: {"prompt", "response"} or {"messages": [{"role", "content"}, ...]} per line."""
     template: str | None = None
     """None (the default): the model's own chat template renders every record. Or a text template for
     prompt/response records: {prompt} and then {response}, each once; {{ and }} are literal braces (tasks/data.py)."""
     eval_fraction: Float = Field(0.1, gt=0, lt=0.5)
+    """Share of the records held out from training (evaluated by finetune, export and evaluate)."""
     split_seed: Seed = 0
+    """Seed of the held-out split."""
 
     @field_validator("template")
     @classmethod
@@ -238,13 +250,20 @@ class DataSection(Section):
 
 class QuantizeSection(Section):
     bits: Literal[4] = 4
+    """Weight bits (AWQ int4)."""
     group_size: Literal[32, 64, 128] = 128
+    """Weights that share one scale and zero point (32, 64 or 128)."""
     zero_point: bool = True
+    """Asymmetric quantization with a zero point per group."""
     version: Literal["gemm"] = "gemm"
+    """AutoAWQ's packing layout."""
     calibration: str = "data/calibration.txt"
+    """Local calibration text, one paragraph per line (relative to the project folder)."""
     calibration_samples: Annotated[Int, at_most(4096, "AutoAWQ uses 128, and every sample's activations are kept "
                                                 "for each layer's search")] = Field(128, ge=1)
-    calibration_seq_len: Annotated[Int, at_most(MAX_CONTEXT, CONTEXT_WHY)] = Field(512, ge=16)
+    """AutoAWQ's max_calib_samples: calibration texts used."""
+    calibration_seq_len: Annotated[Int, at_most(MAX_CONTEXT, CONTEXT_WHY)] = Field(256, ge=16)
+    """AutoAWQ's max_calib_seq_len: tokens per calibration block (longer texts are dropped)."""
     search: Literal["fast", "autoawq"] = "fast"
     """Scale and clip search: "fast" (batched on the device, same choices as AutoAWQ's; see
     tasks/awq_search.py) or "autoawq" (AutoAWQ's own loops, with the CPU fix)."""
@@ -252,19 +271,28 @@ class QuantizeSection(Section):
 
 class FinetuneSection(Section):
     rank: Int = Field(8, ge=1, le=256)
+    """LoRA rank."""
     alpha: Float = Field(16.0, gt=0)
+    """LoRA alpha (the adapter's output is scaled by alpha / rank)."""
     dropout: Float = Field(0.05, ge=0, lt=1)
+    """LoRA dropout while training."""
     target_modules: tuple[str, ...] = ("all-linear",)
     """Decoder-block linears LoRA trains: "all-linear" (every one, PEFT's convention) or the family's names,
     e.g. ["q_proj", "v_proj"] for Llama, ["qkv_proj", "o_proj"] for Phi-3 (checked against the model at check)."""
     max_steps: Annotated[Int, at_most(1_000_000, "a million optimizer steps is days of training")] = Field(100, ge=1)
+    """Optimizer steps."""
     learning_rate: Annotated[Float, at_most(1.0, "training diverges far below that; LoRA uses about 1e-4 to 1e-2")] = \
-        Field(1e-3, gt=0)
+        Field(0.002, gt=0)
+    """AdamW learning rate (linear warm-up over the first tenth of the steps)."""
     batch_size: Annotated[Int, at_most(4096, "every step holds the whole batch's activations in memory")] = \
         Field(8, ge=1)
+    """Records per optimizer step (the global batch, whatever finetune.processes is)."""
     max_seq_len: Annotated[Int, at_most(MAX_CONTEXT, CONTEXT_WHY)] = Field(256, ge=16)
+    """Tokens per record; longer records are cut."""
     seed: Seed = 0
+    """Seed of the LoRA init and the batch order."""
     eval_every: Annotated[Int, at_most(1_000_000, "finetune.max_steps can be at most that")] = Field(25, ge=1)
+    """Steps between held-out loss evaluations."""
     processes: Int = Field(1, ge=1, le=64)
     """Data-parallel training processes (torch.distributed: gloo on cpu, NCCL on cuda with one GPU each);
     the global batch stays batch_size, split across them."""
@@ -299,15 +327,19 @@ class ExportSection(Section):
     targets: tuple[Target, ...] = ("cpu",)
     """Execution providers to export for, from one build; each gets its own folder <target>/."""
     adapter_name: str = Field("travel", pattern=r"^[A-Za-z0-9_.-]+$")
+    """The adapter's name at inference and its file, <name>.onnx_adapter."""
     check_prompts: Annotated[Int, at_most(1000, "each prompt runs the model in both runtimes")] = Field(5, ge=1)
+    """Held-out prompts whose last-token logits are compared, ONNX vs the AWQ checkpoint."""
     max_abs_logit_diff: Float = Field(0.01, gt=0)
     """Bound on |logits(ONNX) - logits(AWQ checkpoint)|; the stage fails past it."""
     min_cosine: Float = Field(0.99999, gt=0, le=1)
+    """Bound on the cosine of those logits; the stage fails below it."""
     cuda_max_abs_logit_diff: Float = Field(0.25, gt=0)
     """The same bound for the cuda target, which computes in fp16 (the checkpoint is compared in fp32).
     fp16 rounding grows with depth and width: the 3.8B Phi-3.5-mini shape measured 0.102 / 0.99979 on
     an H100 (BENCHMARKS.md), the tiny model 1.5e-3; a broken export is off by whole logits."""
     cuda_min_cosine: Float = Field(0.999, gt=0, le=1)
+    """The same bound for the cuda target."""
 
     @field_validator("targets")
     @classmethod
@@ -326,9 +358,12 @@ class ExportSection(Section):
 class EvaluateSection(Section):
     prompts: Annotated[Int, at_most(1000, "each prompt is generated in full for every target and adapter")] = \
         Field(5, ge=1)
+    """Held-out prompts generated with and without the adapter (report.md, tokens/s)."""
     max_new_tokens: Annotated[Int, at_most(4096, "Phi-3.5's original context is 4,096 positions")] = Field(40, ge=1)
+    """Tokens generated per prompt."""
     loss_records: Annotated[Int, at_most(100_000, "each record is one more forward pass per adapter")] = \
         Field(16, ge=1)
+    """Held-out records whose response loss is measured with and without the adapter."""
 
 
 class AdapterData(Section):
@@ -344,6 +379,7 @@ class CacheSection(Section):
     """The run cache (tasks/run_cache.py); read by the runner, never part of a stage's own inputs."""
 
     enabled: bool = True
+    """Restore a stage's output from the cache when the same inputs built it before."""
     dir: str = ".cache/runs"
     """Relative to the project root, or absolute (a shared filesystem for a team or CI). A folder the
     project creates (or finds empty) and marks; one holding other files is refused. Entries are copies
@@ -430,6 +466,7 @@ class PublishSection(Section):
     """Where ``doit publish`` registers the finished package; read by publish/fetch only, never by a stage."""
 
     registry: Literal["mlflow", "azureml", "hf"] = "mlflow"
+    """Where `doit publish` registers the package: mlflow (also Azure ML through its MLflow URI), azureml, hf."""
     name: str = Field("ft-for-travel", min_length=1)
     """Registered model name (MLflow, Azure ML) or model repository id ``owner/name`` (hf)."""
     mlflow: MlflowRegistry = MlflowRegistry()

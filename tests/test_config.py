@@ -174,3 +174,39 @@ def test_a_bad_value_fails_the_check_in_one_line_with_exit_code_2(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == "error: pipeline.toml: finetune.rank: must be an integer, not true\n"
+
+
+def test_the_configuration_reference_is_generated_from_the_models_and_current():
+    from tasks.config_doc import fields, generated_part, reference
+
+    undocumented = [key for key, _, doc in fields() if not doc]
+    assert undocumented == [], f"give these fields a docstring in tasks/config.py: {undocumented}"
+    assert generated_part() == reference(), "docs/configuration.md is stale: run python -m tasks.config_doc --write"
+
+
+def test_the_shipped_config_sets_nothing_the_defaults_already_say(tmp_path):
+    """One source of defaults: pipeline.toml only changes values, so it never contradicts config.py."""
+    import tomllib
+
+    from tasks.config import PipelineConfig
+    from tasks.config_doc import _lookup, fields
+
+    shipped = tomllib.loads((REPO / "pipeline.toml").read_text(encoding="utf-8"))
+    defaults = PipelineConfig().model_dump(mode="json")
+    restated = [key for key, _, _ in fields() if _lookup(shipped, key)[0]
+                and _lookup(shipped, key)[1] == _lookup(defaults, key)[1] and key != "build.dir"]
+    assert restated == []
+
+
+def test_config_command_says_where_each_value_comes_from(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "pipeline.toml").write_text('[finetune]\nrank = 4\n')
+    result = subprocess.run([sys.executable, "-m", "tasks", "config", "--root", str(tmp_path), "--set",
+                             "finetune.alpha=8"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert lines["finetune.rank"].endswith("4  (pipeline.toml)")
+    assert lines["finetune.alpha"].endswith("8.0  (command line)")
+    assert lines["finetune.learning_rate"].endswith("0.002  (default)")
