@@ -60,7 +60,8 @@ DOIT_CONFIG = {
     "default_tasks": [s.name for s in STAGES],
     "verbosity": 2,
     "action_string_formatting": "new",
-    "reporter": reporter_for(f"{os.path.relpath(PATHS.build / 'logs', ROOT)}/"),
+    "reporter": reporter_for(f"{os.path.relpath(PATHS.build / 'logs', ROOT)}/", os.path.relpath(PATHS.stage("evaluate"), ROOT),
+                             tuple(s.name for s in STAGES)),
 }
 if CFG.executor.kind == "ray":
     # Stale independent stages go to the cluster together; each action is a process that waits on

@@ -4,6 +4,7 @@ manifest, publish atomically, and keep the full log in ``<build>/logs/<stage>.lo
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import shutil
@@ -52,29 +53,68 @@ class LogFileHandler(logging.FileHandler):
             super().close()
 
 
+class _LinesToLog(io.TextIOBase):
+    """A stand-in for sys.stdout/sys.stderr while a stage runs: what libraries print (the model builder's
+    progress, tqdm bars, banners) goes to the stage log, one record per line, never to the terminal."""
+
+    def __init__(self, logger: logging.Logger):
+        self._logger, self._pending = logger, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        lines = (self._pending + text.replace("\r", "\n")).split("\n")
+        self._pending = lines.pop()
+        for line in lines:
+            if line.strip():
+                self._logger.info(line.rstrip(), extra=FILE_ONLY)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending.strip():
+            self._logger.info(self._pending.rstrip(), extra=FILE_ONLY)
+        self._pending = ""
+
+
+def _ours(record: logging.LogRecord) -> bool:
+    return record.name.startswith(("tasks", "progress")) or record.name == "__main__"
+
+
 @contextlib.contextmanager
 def stage_logging(path: Path) -> Iterator[None]:
-    """Log to the terminal (info) and to the stage's log file (debug, overwritten per run); every line
-    goes through tasks.secrets.redact (a library may log a URL with a token in it)."""
+    """Log to the terminal and to the stage's log file (debug, overwritten per run); every line goes
+    through tasks.secrets.redact (a library may log a URL with a token in it).
+
+    The terminal gets our own lines (info and up) and other libraries' errors; their info chatter,
+    their warnings (Python warnings included, through logging.captureWarnings) and whatever they print
+    go to the log file only, so a cold build shows our lines and progress, and the log has everything.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     to_file = LogFileHandler(path, mode="w", encoding="utf-8")
     to_file.setFormatter(fmt)
     to_file.setLevel(logging.DEBUG)
-    to_term = logging.StreamHandler(sys.stderr)
+    to_term = logging.StreamHandler(sys.stderr)  # bound now: the real terminal, not the stand-in below
     to_term.setFormatter(RedactingFormatter("  %(message)s"))
     to_term.setLevel(logging.INFO)
-    # The terminal shows our own progress and everyone's warnings; libraries' info chatter (the
-    # builder logs one line per node) goes to the log file only.
     to_term.addFilter(lambda r: not getattr(r, "file_only", False)
-                      and (r.name.startswith(("tasks", "progress")) or r.levelno >= logging.WARNING))
+                      and (_ours(r) or r.levelno >= logging.ERROR))
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     root.addHandler(to_file)
     root.addHandler(to_term)
+    logging.captureWarnings(True)
+    printed = logging.getLogger("printed")
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _LinesToLog(printed), _LinesToLog(printed)
     try:
         yield
     finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr = saved
+        logging.captureWarnings(False)
         root.removeHandler(to_file)
         root.removeHandler(to_term)
         to_file.close()

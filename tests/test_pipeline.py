@@ -188,3 +188,19 @@ def test_one_build_exports_cpu_and_cuda_targets_and_says_which_it_could_not_chec
         report = json.loads((project_copy / "build/tiny/package/report.json").read_text())
         assert report["targets"]["cuda"]["evaluated"] is False
     assert check["cpu"]["checked"] and (project_copy / "build/tiny/package/cuda/model.onnx").is_file()
+
+
+def test_the_terminal_shows_our_lines_and_a_summary_and_the_log_keeps_library_output(project_copy):
+    result = doit(project_copy, "export.check_prompts=3")
+    assert executed(result) == ["export", "evaluate"]
+    terminal = result.stdout + result.stderr
+    # the model builder's prints and progress bars, and library warnings, are in the export log only
+    for noise in ("Saving ONNX model", "Reading layer", "it/s]", "[transformers]", "Warning"):
+        assert noise not in terminal, noise
+    log = (project_copy / "build/tiny/logs/export.log").read_text()
+    assert "Saving ONNX model" in log and "Reading layer" in log
+    summary = [line for line in result.stdout.splitlines() if line.startswith("summary: ")]
+    assert summary[0].startswith("summary: built export ") and "up to date: base, quantize, finetune" in summary[0]
+    assert summary[1].endswith("next: python -m tasks chat --package build/tiny/package")
+    again = doit(project_copy, "export.check_prompts=3")
+    assert "summary: nothing to do, all 5 stages up to date; package: build/tiny/package" in again.stdout
