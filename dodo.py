@@ -31,8 +31,8 @@ from tasks.workspace_lock import READ_ONLY_COMMANDS, doit_command, hold_build_lo
 
 ROOT = Path(__file__).resolve().parent
 CONFIG = get_var("config", "pipeline.toml")
-OVERRIDES = config_overrides()
 try:
+    OVERRIDES = config_overrides()
     CFG = load_config(ROOT / CONFIG, OVERRIDES)
 except PipelineError as exc:
     print(f"error: {exc}", file=sys.stderr)

@@ -648,6 +648,8 @@ def _describe(error: ValidationError, source: str) -> str:
             return f"{source}: unknown key {where!r}; did you mean {suggestion!r}?"
         return f"{source}: unknown key {where!r}; remove it or check its spelling against the README's configuration reference"
     msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] in ("tuple_type", "list_type"):
+        msg += f"; write a list, e.g. {where}='[\"a\", \"b\"]' on the command line or {where.rsplit('.', 1)[-1]} = [\"a\"] in the file"
     return f"{source}: {msg}" if not first["loc"] else f"{source}: {where}: {msg}"
 
 
@@ -660,9 +662,15 @@ def load_config(path: str | Path = "pipeline.toml", overrides: list[str] | tuple
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
+    given = {}
     for text in overrides:
-        _apply_override(raw, *parse_override(text))
+        dotted, value = parse_override(text)
+        _apply_override(raw, dotted, value)
+        given[".".join(dotted)] = text
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:
-        raise PipelineError(_describe(exc, str(path))) from None
+        where = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        blamed = [text for key, text in given.items() if where == key or where.startswith(key + ".")]
+        source = f"command line ({blamed[0].partition('=')[0]}=...)" if blamed else str(path)
+        raise PipelineError(_describe(exc, source)) from None

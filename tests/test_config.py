@@ -210,3 +210,19 @@ def test_config_command_says_where_each_value_comes_from(tmp_path):
     assert lines["finetune.rank"].endswith("4  (pipeline.toml)")
     assert lines["finetune.alpha"].endswith("8.0  (command line)")
     assert lines["finetune.learning_rate"].endswith("0.002  (default)")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["rank=16"], "error: command line: rank=16 is not a config key; config keys have a section: did you mean finetune.rank?"),
+    (["finetune.rank=abc"], 'error: command line (finetune.rank=...): finetune.rank: must be an integer, not "abc"'),
+    (["finetune.target_modules=o_proj"], "write a list, e.g. finetune.target_modules="),
+])
+def test_command_line_mistakes_are_one_line_that_blames_the_command_line(tmp_path, args, expected):
+    import os
+
+    project = make_project(tmp_path / "project")
+    result = subprocess.run([sys.executable, "-m", "doit", *args], cwd=project, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert expected in result.stderr and "pipeline.toml" not in result.stderr
+    assert not (project / "build").exists()
