@@ -28,10 +28,12 @@ def build(model: ModelSection, root: Path, out: Path) -> dict:
     """Write the base model into ``out``; return facts for the manifest."""
     if model.hub_source:
         repo_id, revision = model.hub_source
-        return fetch_hub_model(repo_id, revision, out, model.trust_remote_code, model.allow_floating_revision)
-    if model.profile == "local":
-        return copy_local_model((root / model.path).resolve(), out, model.trust_remote_code)
-    return {**build_tiny_model(model.random_spec, root, out), "profile": model.profile}
+        facts = fetch_hub_model(repo_id, revision, out, model.trust_remote_code, model.allow_floating_revision)
+    elif model.profile == "local":
+        facts = copy_local_model((root / model.path).resolve(), out, model.trust_remote_code)
+    else:
+        return {**build_tiny_model(model.random_spec, root, out), "profile": model.profile}
+    return {**facts, "family": json.loads((out / "config.json").read_text(encoding="utf-8")).get("model_type")}
 
 
 # --- tiny -----------------------------------------------------------------------------------------

@@ -113,7 +113,8 @@ def add_extra_adapters(out: Path, extra: dict[str, tuple[Path, Path]], section: 
 
 
 def build(export_dir: Path, finetune_dir: Path, section: EvaluateSection, export: ExportSection,
-          out: Path, provenance: dict, extra: dict[str, tuple[Path, Path]] | None = None) -> dict:
+          out: Path, provenance: dict, extra: dict[str, tuple[Path, Path]] | None = None,
+          base_readme: Path | None = None) -> dict:
     from tasks.export import NO_GPU, target_runs_here
 
     copy_package(export_dir, out)
@@ -137,8 +138,10 @@ def build(export_dir: Path, finetune_dir: Path, section: EvaluateSection, export
         report["extra_adapters"] = add_extra_adapters(out, extra, section, export)
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "speed.json").write_text(json.dumps(speed, indent=2) + "\n")
+    plot_loss_curve(json.loads((finetune_dir / "metrics.json").read_text(encoding="utf-8"))["loss"], out / LOSS_CURVE)
     (out / "report.md").write_text(render_summary(report), encoding="utf-8")
-    (out / "README.md").write_text(render_model_card(report, provenance, export), encoding="utf-8")
+    (out / "README.md").write_text(render_model_card(report, provenance, export, base_license(base_readme)),
+                                   encoding="utf-8")
     facts = {target: {"loss": r["loss"], "max_logit_shift_from_adapter": r["max_logit_shift_from_adapter"]}
              for target, r in report["targets"].items() if r["evaluated"]}
     for other, result in report.get("extra_adapters", {}).items():
@@ -146,8 +149,44 @@ def build(export_dir: Path, finetune_dir: Path, section: EvaluateSection, export
     return facts
 
 
+LOSS_CURVE = "loss_curve.png"
+
+
+def plot_loss_curve(history: dict, path: Path) -> None:
+    """The finetune's training and held-out loss per step, as a PNG beside the report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, points, style in (("train (batch)", history["train"], "-"), ("held-out", history["eval"], "o-")):
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label, markersize=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (response tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def base_license(base_readme: Path | None) -> str | None:
+    """The license in the base model's own card (a Hub model's README.md front matter), if it states one."""
+    if not base_readme or not base_readme.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(base_readme).data.license
+    except Exception:  # a README without front matter, or one huggingface_hub cannot parse: no license known
+        return None
+
+
 def render_summary(report: dict) -> str:
-    lines = ["# Evaluation summary", "", f"Held-out records: {report['heldout_records']}; adapter `{report['adapter']}`.", ""]
+    lines = ["# Evaluation summary", "", f"Held-out records: {report['heldout_records']}; adapter `{report['adapter']}`.", "",
+             f"![training and held-out loss]({LOSS_CURVE})", ""]
     for other, result in report.get("extra_adapters", {}).items():
         for target, quality in result["targets"].items():
             loss = quality["loss"]
@@ -173,13 +212,19 @@ def render_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def render_model_card(report: dict, provenance: dict, export: ExportSection) -> str:
+def render_model_card(report: dict, provenance: dict, export: ExportSection, license: str | None = None) -> str:
+    """README.md of the package: a Hugging Face model card (huggingface_hub's ModelCard) whose metadata
+    names the base model, library, tags and the base's license, and whose text says what was built."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     base = provenance.get("base", {}).get("facts", {})
     quant = provenance.get("quantize", {}).get("config", {}).get("quantize", {})
     tune = provenance.get("finetune", {}).get("config", {}).get("finetune", {})
     targets = provenance.get("finetune", {}).get("facts", {}).get("target_modules") or tune.get("target_modules", [])
     if base.get("source") == "hub":
         source = f"{base.get('repo_id')} at commit {base.get('revision')}"
+    elif base.get("source") == "local":
+        source = f"the local model folder {base.get('path')}"
     elif base.get("profile", "tiny") == "tiny":
         from tasks.families import FAMILIES
 
@@ -225,4 +270,10 @@ def render_model_card(report: dict, provenance: dict, export: ExportSection) -> 
     for stage, manifest in provenance.items():
         lines.append(f"- {stage}: `{manifest['manifest_sha256']}`")
     lines.append("")
-    return "\n".join(lines)
+    family = base.get("family")
+    data = ModelCardData(
+        library_name="onnxruntime-genai", pipeline_tag="text-generation", license=license,
+        base_model=base.get("repo_id") if base.get("source") == "hub" else None,
+        tags=sorted({"onnx", "onnxruntime-genai", "awq", "int4", "lora", *([family] if family else [])}),
+    )
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))

@@ -142,7 +142,16 @@ def write_comparison(root: Path, build_dir: str, grid: dict, target: str) -> Pat
     for ax, (column, label) in zip(axes, (("heldout_loss_adapter", "held-out loss with adapter (lower is better)"),
                                          ("adapter_mb", "adapter size (MB)"),
                                          ("tokens_per_s_adapter", "decode tokens/s with adapter"))):
-        ax.barh(names, [r[column] or 0 for r in built])
+        values = [r[column] or 0 for r in built]
+        bars = ax.barh(names, values)
+        ax.bar_label(bars, labels=[f"{v:.4g}" for v in values], fontsize=8, padding=2)
+        if column.startswith("heldout_loss") and values:
+            # losses differ in the second decimal: an axis from zero would draw 6.78 and 6.56 as equal bars
+            lo, hi = min(values), max(values)
+            pad = max((hi - lo) * 0.6, 0.02 * hi, 1e-3)
+            ax.set_xlim(lo - pad, hi + pad)
+        else:
+            ax.set_xlim(0, max(values or [1]) * 1.25 or 1)
         ax.set_title(label, fontsize=9)
         ax.invert_yaxis()
     for ax in axes[1:]:

@@ -169,7 +169,7 @@ def _call_stage(name: str, cfg: PipelineConfig, paths: Paths, out: Path) -> dict
         extra = {adapter: (paths.stage(ADAPTER_PREFIX + adapter), paths.stage(FINETUNE_PREFIX + adapter))
                  for adapter in sorted(cfg.adapters)}
         return evaluate.build(paths.stage("export"), paths.stage("finetune"), cfg.evaluate, cfg.export,
-                              out, provenance, extra)
+                              out, provenance, extra, paths.stage("base") / "README.md")
     raise AssertionError(f"stage {name} is in tasks.stages but has no entry point here")
 
 

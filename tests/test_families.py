@@ -60,6 +60,10 @@ def test_every_family_builds_end_to_end_from_the_hub_layout_offline(families_pro
     report = json.loads((package / "report.json").read_text())["targets"]["cpu"]
     assert report["loss"]["with_adapter"]["loss"] < report["loss"]["without_adapter"]["loss"]
     assert report["max_logit_shift_from_adapter"] > 1e-3
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(package / "README.md").data
+    assert card.base_model == repo_id and family in card.tags
 
     # chat renders the conversation in the package's own template, turn after turn
     probe = (

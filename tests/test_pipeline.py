@@ -28,6 +28,12 @@ def test_default_build_produces_a_package_with_int4_base_adapter_report_and_mode
     assert all(g["with_adapter"].strip() for g in report["generations"])
     finetune_metrics = json.loads((built_project / "build/tiny/finetune/metrics.json").read_text())
     assert finetune_metrics["heldout_loss_after"] < finetune_metrics["heldout_loss_before"]
+    # the report shows the loss curve; the model card is a Hugging Face card with metadata
+    assert "(loss_curve.png)" in (package / "report.md").read_text() and (package / "loss_curve.png").stat().st_size
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(package / "README.md")
+    assert card.data.library_name == "onnxruntime-genai" and {"phi3", "lora", "awq"} <= set(card.data.tags)
 
 
 def test_every_manifest_matches_its_files_and_chains_to_its_inputs(built_project):
