@@ -40,12 +40,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# The log of the run that built a run-cache entry, kept in the entry beside its files (never a stage's output).
+BUILD_LOG = "BUILD_LOG.txt"
+
+
 def file_table(folder: Path) -> dict[str, dict[str, Any]]:
     """sha256 and size of every file under folder (posix relative paths, sorted), manifest excluded."""
     table = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
-        if rel != MANIFEST:
+        if rel not in (MANIFEST, BUILD_LOG):
             table[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     return table
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tasks.config import PipelineConfig
 from tasks.failpoints import failpoint
-from tasks.manifest import MANIFEST, file_table, clone_file, clone_tree, read_manifest
+from tasks.manifest import BUILD_LOG, MANIFEST, file_table, clone_file, clone_tree, read_manifest
 from tasks.ownership import CACHE_KEY, CACHE_LEFTOVER, claim
 from tasks.paths import Paths
 from tasks.provenance import lock_record
@@ -107,8 +107,16 @@ class RunCache:
             os.utime(entry)  # least recently used goes first
         return True
 
-    def store(self, stage: str, key: str, output: Path) -> None:
-        """Add a published stage output under key (no-op if present); never fails the build."""
+    def build_log(self, stage: str, key: str) -> str | None:
+        """The log of the run that built this entry (kept with it), or None for an entry made before logs were kept."""
+        try:
+            return (self.entry(stage, key) / BUILD_LOG).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+
+    def store(self, stage: str, key: str, output: Path, log_file: Path | None = None) -> None:
+        """Add a published stage output under key (no-op if present), with the log of the run that built
+        it; never fails the build."""
         entry = self.entry(stage, key)
         if entry.is_dir():
             with contextlib.suppress(OSError):
@@ -118,6 +126,8 @@ class RunCache:
         try:
             tmp.mkdir(parents=True)
             clone_tree(output, tmp)
+            if log_file is not None and log_file.is_file():
+                shutil.copyfile(log_file, tmp / BUILD_LOG)
             for path in tmp.rglob("*"):
                 if path.is_file():
                     path.chmod(0o444)  # an entry is never edited, only added or removed whole

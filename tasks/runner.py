@@ -214,6 +214,9 @@ def _run_stage(name: str, cfg: PipelineConfig, paths: Paths) -> Path:
                 if restored:
                     log.info("%s: restored from the run cache (%s, key %s); nothing recomputed", name,
                              cache.root, key[:12])
+                    original = cache.build_log(name, key)
+                    if original:  # the training log of the adapter you have is not lost with a restore
+                        log.info("log of the run that built this output:\n%s", original.rstrip(), extra=FILE_ONLY)
                 else:
                     with (gpu_slot(cfg.build.gpu_slots, f"{name} in {paths.build}") if uses_gpu(name, cfg)
                           else contextlib.nullcontext()):
@@ -239,7 +242,7 @@ def _run_stage(name: str, cfg: PipelineConfig, paths: Paths) -> Path:
             raise PipelineError(f"stage {name} failed: {one_line(exc)}; the previous {name} output is untouched; "
                                 f"full traceback in {paths.log(name)}") from None
         if cache is not None and not restored:
-            cache.store(name, key, final)
+            cache.store(name, key, final, paths.log(name))
         try:
             record_environment(paths, name, manifest_digest(final), key if restored else None)
         except OSError as exc:  # provenance only: the stage itself is complete
