@@ -18,7 +18,7 @@ from pathlib import Path
 def import_awq_quietly() -> None:
     """AutoAWQ's package import forces its multi-line deprecation notice through the warning
     filters (it installs its own filter first); import it once with warnings captured instead of
-    shown (the notice is recorded in the README)."""
+    shown (AutoAWQ is archived upstream; docs/design.md says why it is still used)."""
     with warnings.catch_warnings(record=True):
         import awq  # noqa: F401
 

@@ -502,7 +502,7 @@ class ExecutorSection(Section):
 
     kind: Literal["local", "ray"] = "local"
     """local: each stage runs in a process on this machine. ray: each stale stage is a Ray task on the
-    cluster at `address` (tasks/ray_executor.py; README "Scaling out")."""
+    cluster at `address` (tasks/ray_executor.py; docs/scaling-out.md)."""
     address: str | None = None
     """The Ray head, host:port (as printed by `ray start --head`). Required for kind = "ray"."""
     parallel: Int = Field(4, ge=1, le=256)
@@ -646,7 +646,7 @@ def _describe(error: ValidationError, source: str) -> str:
         if close:
             suggestion = ".".join([*(str(p) for p in first["loc"][:-1]), close[0]])
             return f"{source}: unknown key {where!r}; did you mean {suggestion!r}?"
-        return f"{source}: unknown key {where!r}; remove it or check its spelling against the README's configuration reference"
+        return f"{source}: unknown key {where!r}; remove it or check its spelling against docs/configuration.md"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] in ("tuple_type", "list_type"):
         msg += f"; write a list, e.g. {where}='[\"a\", \"b\"]' on the command line or {where.rsplit('.', 1)[-1]} = [\"a\"] in the file"

@@ -476,7 +476,7 @@ def test_code_only_change_does_not_reinstall_dependencies(runtime, context, extr
 
 
 def test_ray_nodes_started_from_the_image_build_stages(runtime, context, capfd):
-    """A Ray head and a second node started from the image (`ray start`, as README "Scaling out" says),
+    """A Ray head and a second node started from the image (`ray start`, as docs/scaling-out.md says),
     with the driver in the same container: stages run as Ray tasks on the image's toolchain, each node
     passes the driver's lock check, and provenance names the node that built each stage. The container
     has no network but loopback, so all of Ray's traffic stays on 127.0.0.1."""
