@@ -7,7 +7,6 @@ weights, tokenizer files with the chat template) that the quantize stage reads.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import os
@@ -17,11 +16,15 @@ from tasks.config import ModelSection, TinyModel
 from tasks.errors import PipelineError
 from tasks.families import FAMILIES, Family
 from tasks.manifest import clone_file
+from tasks.model_files import model_files, patterns as model_patterns
 
 log = logging.getLogger(__name__)
 
-# Files a Hub model folder needs; pickled weights (*.bin, *.pt) are never fetched.
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.md"]
+
+
+def run(cfg, paths, out: Path) -> dict:
+    """The stage's entry (tasks/stages.py): config and paths onto ``build``."""
+    return build(cfg.model, paths.root, out)
 
 
 def build(model: ModelSection, root: Path, out: Path) -> dict:
@@ -182,13 +185,6 @@ def check_remote_code(snapshot: Path, repo_id: str, trust_remote_code: bool) -> 
     return "allowed"
 
 
-def model_files(folder: Path, trust_remote_code: bool) -> list[Path]:
-    """The files of a model folder the build takes: HUB_PATTERNS (no pickled weights), *.py only if allowed."""
-    patterns = HUB_PATTERNS + (["*.py"] if trust_remote_code else [])
-    return sorted(p for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and ".cache" not in p.parts
-                  and any(fnmatch.fnmatch(p.relative_to(folder).as_posix(), pat) for pat in patterns))
-
-
 def copy_local_model(folder: Path, out: Path, trust_remote_code: bool = False) -> dict:
     """A model folder on this machine, cloned into ``out`` with the same filter as a Hub download."""
     if not (folder / "config.json").is_file():
@@ -216,8 +212,7 @@ def fetch_hub_model(repo_id: str, revision: str, out: Path, trust_remote_code: b
     log.info("fetching %s at %s (cache: HF_HOME=%s, offline=%s)", repo_id, revision,
              os.environ.get("HF_HOME", "~/.cache/huggingface"), os.environ.get("HF_HUB_OFFLINE", "0"))
     try:
-        patterns = HUB_PATTERNS + (["*.py"] if trust_remote_code else [])  # code only when allowed
-        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=model_patterns(trust_remote_code)))
     except GatedRepoError:
         raise PipelineError(
             f"{repo_id} is gated; accept its license on huggingface.co and export HF_TOKEN with read access"

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from tasks.errors import PipelineError
-from tasks.export import ADAPTER_SUFFIX
+from tasks.genai import ADAPTER_SUFFIX
 
 
 def target_folder(package: Path, target: str) -> Path:

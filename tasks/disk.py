@@ -16,7 +16,6 @@ from pathlib import Path
 from tasks.config import PipelineConfig
 from tasks.errors import PipelineError
 from tasks.paths import Paths
-from tasks.stages import ADAPTER_PREFIX, FINETUNE_PREFIX
 
 MB = 1 << 20
 SLACK = 64 * MB  # logs, manifests, tokenizer files, builder caches
@@ -38,31 +37,43 @@ def random_model_bytes(cfg: PipelineConfig) -> int:
     return 2 * (2 * v * h + n * per_layer + h)
 
 
-def estimated_need(name: str, cfg: PipelineConfig, paths: Paths) -> int | None:
-    """Bytes the stage may write into the build folder; None when it cannot be known beforehand."""
-    if name == "base":
-        # A Hub model goes to the HF cache and is copied; its size is known only to the Hub.
-        if cfg.model.profile == "local":
-            from tasks.stages import base_files
+# What each stage may write into the build folder, declared by its spec in tasks/stages.py; None when it
+# cannot be known beforehand.
 
-            return sum(paths.data(f).stat().st_size for f in base_files(cfg)) + SLACK
-        return None if cfg.model.hub_source else random_model_bytes(cfg) + SLACK
-    if name == "quantize":
-        return _published_bytes(paths.stage("base")) + SLACK  # int4 + fp16 embeddings < the bf16 base
-    if name == "finetune" or name.startswith(FINETUNE_PREFIX):
-        return SLACK
-    if name.startswith(ADAPTER_PREFIX):
-        return len(cfg.export.targets) * SLACK  # one adapter file per target
-    if name == "export":
-        # Per target: the builder's model in scratch, then the grafted copy; each <= the AWQ folder + rope caches.
-        return len(cfg.export.targets) * 2 * (_published_bytes(paths.stage("quantize")) + SLACK)
-    if name == "evaluate":
-        return _published_bytes(paths.stage("export")) + SLACK  # the package holds a copy of the export files
-    return None
+def need_base(cfg: PipelineConfig, paths: Paths) -> int | None:
+    if cfg.model.profile == "local":
+        from tasks.stages import base_files
+
+        return sum(paths.data(f).stat().st_size for f in base_files(cfg)) + SLACK
+    # A Hub model goes to the HF cache and is copied; its size is known only to the Hub.
+    return None if cfg.model.hub_source else random_model_bytes(cfg) + SLACK
 
 
-def check_free_space(name: str, cfg: PipelineConfig, paths: Paths) -> int | None:
-    need = estimated_need(name, cfg, paths)
+def need_quantize(cfg: PipelineConfig, paths: Paths) -> int | None:
+    return _published_bytes(paths.stage("base")) + SLACK  # int4 + fp16 embeddings < the bf16 base
+
+
+def need_finetune(cfg: PipelineConfig, paths: Paths) -> int | None:
+    return SLACK
+
+
+def need_adapter(cfg: PipelineConfig, paths: Paths) -> int | None:
+    return len(cfg.export.targets) * SLACK  # one adapter file per target
+
+
+def need_export(cfg: PipelineConfig, paths: Paths) -> int | None:
+    # Per target: the builder's model in scratch, then the grafted copy; each <= the AWQ folder + rope caches.
+    return len(cfg.export.targets) * 2 * (_published_bytes(paths.stage("quantize")) + SLACK)
+
+
+def need_evaluate(cfg: PipelineConfig, paths: Paths) -> int | None:
+    return _published_bytes(paths.stage("export")) + SLACK  # the package holds a copy of the export files
+
+
+def check_free_space(stage, cfg: PipelineConfig, paths: Paths) -> int | None:
+    """Refuse to start ``stage`` (a tasks.stages.Stage) unless its declared disk need is free."""
+    name = stage.name
+    need = stage.disk(cfg, paths)
     if need is None:
         return None
     paths.build.mkdir(parents=True, exist_ok=True)

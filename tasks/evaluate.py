@@ -20,9 +20,9 @@ from pathlib import Path
 from tasks.config import EvaluateSection, ExportSection
 from tasks.data import Record, Render, full_text, genai_renderer, prompt_part, prompt_text, read_heldout
 from tasks.errors import PipelineError
-from tasks.export import ADAPTER_SUFFIX
 from tasks.manifest import clone_tree
-from tasks.genai import all_logits, open_model, stream
+from tasks.devices import NO_GPU, target_runs_here
+from tasks.genai import ADAPTER_SUFFIX, all_logits, open_model, stream
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,6 @@ def evaluate_target(folder: Path, target: str, section: EvaluateSection, name: s
 def add_extra_adapters(out: Path, extra: dict[str, tuple[Path, Path]], section: EvaluateSection,
                        export: ExportSection) -> dict:
     """Link each extra adapter's files beside the base and evaluate it by name, on its own held-out set."""
-    from tasks.export import target_runs_here
-
     report: dict = {}
     for name, (adapter_dir, finetune_dir) in sorted(extra.items()):
         clone_tree(adapter_dir, out, exclude=("MANIFEST.json", "adapter_check.json"))
@@ -112,11 +110,23 @@ def add_extra_adapters(out: Path, extra: dict[str, tuple[Path, Path]], section: 
     return report
 
 
+def run(cfg, paths, out: Path) -> dict:
+    """The stage's entry (tasks/stages.py): the package, with the provenance of every stage before it
+    and the extra adapters of [adapters]."""
+    from tasks.manifest import manifest_digest, read_manifest
+    from tasks.stages import ADAPTER_PREFIX, FINETUNE_PREFIX, stages_for, upstream_closure
+
+    provenance = {up: {**read_manifest(paths.stage(up)), "manifest_sha256": manifest_digest(paths.stage(up))}
+                  for up in upstream_closure("evaluate", stages_for(cfg))}
+    extra = {adapter: (paths.stage(ADAPTER_PREFIX + adapter), paths.stage(FINETUNE_PREFIX + adapter))
+             for adapter in sorted(cfg.adapters)}
+    return build(paths.stage("export"), paths.stage("finetune"), cfg.evaluate, cfg.export, out, provenance, extra,
+                 paths.stage("base") / "README.md")
+
+
 def build(export_dir: Path, finetune_dir: Path, section: EvaluateSection, export: ExportSection,
           out: Path, provenance: dict, extra: dict[str, tuple[Path, Path]] | None = None,
           base_readme: Path | None = None) -> dict:
-    from tasks.export import NO_GPU, target_runs_here
-
     copy_package(export_dir, out)
     name = export.adapter_name
     template, held = read_heldout(finetune_dir)

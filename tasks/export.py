@@ -32,11 +32,12 @@ import re
 from pathlib import Path
 
 from tasks.config import ExportSection
+from tasks.devices import NO_GPU, target_runs_here
 from tasks.errors import PipelineError
+from tasks.genai import ADAPTER_SUFFIX
 
 log = logging.getLogger(__name__)
 
-ADAPTER_SUFFIX = ".onnx_adapter"
 # peft module path -> the builder's node path; the builder renames self_attn to attn.
 PEFT_MODULE_RE = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 BUILDER_NODE_RE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMulNBits$")
@@ -209,18 +210,6 @@ def write_adapter(params: dict[str, "object"], path: Path) -> None:
     fmt.export_adapter(str(path))
 
 
-NO_GPU = "no CUDA GPU on the build host"
-
-
-def target_runs_here(target: str) -> bool:
-    """Whether this host can run ``target``'s model (the cuda one needs a CUDA GPU)."""
-    if target == "cpu":
-        return True
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def check_logits(package: Path, awq_dir: Path, adapter_dir: Path, adapter_file: Path, prompts: list[str],
                  section: ExportSection, target: str, name: str | None = None) -> dict:
     """Max |d| and min cosine of last-token logits, ONNX vs the AWQ checkpoint (float twin)."""
@@ -326,6 +315,26 @@ def build_adapter(export_dir: Path, awq_dir: Path, finetune_dir: Path, section: 
                                                           adapter_file, prompts, section, target, name)}
     (out / "adapter_check.json").write_text(json.dumps(checks, indent=2) + "\n")
     return {"logit_check": checks}
+
+
+def run(cfg, paths, out: Path) -> dict:
+    """The stage's entry (tasks/stages.py): the builder works in a scratch folder beside the staging one."""
+    import shutil
+
+    scratch = paths.scratch("export")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        return build(paths.stage("quantize"), paths.stage("finetune"), cfg.export, out, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_adapter(cfg, paths, out: Path, adapter: str) -> dict:
+    """The entry of an extra adapter's stage: its .onnx_adapter for the exported base."""
+    from tasks.stages import FINETUNE_PREFIX
+
+    return build_adapter(paths.stage("export"), paths.stage("quantize"), paths.stage(FINETUNE_PREFIX + adapter),
+                         cfg.export, adapter, out)
 
 
 def build(awq_dir: Path, finetune_dir: Path, section: ExportSection, out: Path, scratch: Path) -> dict:

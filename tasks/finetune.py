@@ -98,6 +98,15 @@ def _normalise_adapter_config(path: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def run(cfg, paths, out: Path, adapter: str | None = None) -> dict:
+    """The stage's entry (tasks/stages.py): the package's adapter on [data], or the extra adapter
+    ``adapter`` on its own dataset ([adapters.<name>]), with the [finetune] settings."""
+    from tasks.config import adapter_data
+
+    data = adapter_data(cfg, adapter) if adapter else cfg.data
+    return build(paths.stage("quantize"), data, cfg.finetune, paths.data(data.path), cfg.build.device, out)
+
+
 def build(awq_dir: Path, data: DataSection, section: FinetuneSection, dataset: Path, device: str, out: Path) -> dict:
     if section.processes > 1:
         from tasks.finetune_ddp import train_distributed
@@ -122,7 +131,7 @@ def train(awq_dir: Path, data: DataSection, section: FinetuneSection, dataset: P
     from transformers import AutoTokenizer
 
     from tasks.families import family_of
-    from tasks.quantize import select_device
+    from tasks.devices import select_device
 
     select_device(device)
     lead = rank == 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+ADAPTER_SUFFIX = ".onnx_adapter"  # onnxruntime's adapter file format
+
 
 def open_model(package: Path, target: str = "cpu", adapter_files: dict[str, Path] | None = None):
     """Load the package for ``target`` ("cpu" or "cuda") and its adapters; clear error if impossible."""

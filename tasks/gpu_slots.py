@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Iterator
 
 from tasks.config import PipelineConfig
-from tasks.stages import ADAPTER_PREFIX, FINETUNE_PREFIX
 
 log = logging.getLogger("tasks.gpu")
 
@@ -27,15 +26,6 @@ log = logging.getLogger("tasks.gpu")
 def lock_dir() -> Path:
     explicit = os.environ.get("PIPELINE_GPU_LOCK_DIR")
     return Path(explicit) if explicit else Path.home() / ".cache" / "ondevice-llm-build" / "gpu-slots"
-
-
-def uses_gpu(stage: str, cfg: PipelineConfig) -> bool:
-    """quantize and finetune compute on build.device; export and evaluate run the cuda target's model."""
-    if stage in ("quantize", "finetune") or stage.startswith(FINETUNE_PREFIX):
-        return cfg.build.device == "cuda"
-    if stage in ("export", "evaluate") or stage.startswith(ADAPTER_PREFIX):
-        return "cuda" in cfg.export.targets
-    return False
 
 
 @contextlib.contextmanager

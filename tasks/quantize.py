@@ -14,12 +14,12 @@ tests/test_quantize.py shows that AWQ scaling alone then preserves the model's f
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
 from tasks.awq_twin import import_awq_quietly
 from tasks.config import QuantizeSection
+from tasks.devices import select_device
 from tasks.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -101,15 +101,10 @@ def read_calibration(path: Path) -> list[str]:
     return lines
 
 
-def select_device(device: str) -> None:
-    """Make AutoAWQ (which picks the 'best' device itself) use exactly the configured one."""
-    if device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        raise PipelineError("build.device is 'cuda' but torch sees no CUDA GPU; set build.device = \"cpu\" or run on a GPU host")
+def run(cfg, paths, out: Path) -> dict:
+    """The stage's entry (tasks/stages.py): config and paths onto ``build``."""
+    return build(paths.stage("base"), cfg.quantize, paths.data(cfg.quantize.calibration), cfg.build.device, out,
+                 cfg.model.trust_remote_code)
 
 
 def build(base: Path, section: QuantizeSection, calibration: Path, device: str, out: Path,

@@ -31,10 +31,9 @@ from pathlib import Path
 
 from tasks.config import PipelineConfig
 from tasks.errors import PipelineError
-from tasks.gpu_slots import uses_gpu
 from tasks.paths import Paths
 from tasks.provenance import NODE_ENV, lock_path
-from tasks.stages import FINETUNE_PREFIX, stages_for
+from tasks.stages import stages_for
 from tasks.workspace_lock import die_with_parent
 
 NAMESPACE = "ondevice-llm-build"
@@ -80,9 +79,10 @@ def stage_resources(name: str, cfg: PipelineConfig) -> dict:
     """Ray options of a stage: GPUs for stages that compute on the GPU, CPUs otherwise, plus the
     config's placement resources. A multi-process finetune asks for one GPU (or CPU) per process,
     all on one node, since its ranks talk over loopback."""
-    processes = cfg.finetune.processes if name == "finetune" or name.startswith(FINETUNE_PREFIX) else 1
+    stage = {s.name: s for s in stages_for(cfg)}[name]
+    processes = stage.processes(cfg)
     options: dict = {"num_cpus": cfg.executor.cpus_per_stage * processes, "num_gpus": 0}
-    if uses_gpu(name, cfg):
+    if stage.gpu(cfg):
         options["num_gpus"] = processes
     if cfg.executor.memory_gb:
         options["memory"] = int(cfg.executor.memory_gb * 2**30)

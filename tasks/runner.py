@@ -4,6 +4,7 @@ manifest, publish atomically, and keep the full log in ``<build>/logs/<stage>.lo
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import logging
 import os
@@ -16,15 +17,15 @@ from typing import Iterator
 from tasks.config import PipelineConfig
 from tasks.disk import check_free_space, is_disk_full
 from tasks.errors import PipelineError
-from tasks.manifest import manifest_digest, manifest_problem, read_manifest, sha256_file, staged_output, write_manifest
-from tasks.gpu_slots import gpu_slot, uses_gpu
+from tasks.manifest import manifest_digest, manifest_problem, sha256_file, staged_output, write_manifest
+from tasks.gpu_slots import gpu_slot
 from tasks.ownership import claim
 from tasks.paths import Paths
 from tasks.provenance import record_environment
 from tasks.run_cache import RunCache, cache_key
 from tasks.secrets import RedactingFormatter, redact
 from tasks.workspace_lock import stage_lock
-from tasks.stages import ADAPTER_PREFIX, FINETUNE_PREFIX, config_values, stages_for, upstream_closure
+from tasks.stages import config_values, stages_for
 
 log = logging.getLogger("tasks")
 FILE_ONLY = {"file_only": True}  # logging ``extra``: a record for the stage log, not the terminal
@@ -128,49 +129,11 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def _call_stage(name: str, cfg: PipelineConfig, paths: Paths, out: Path) -> dict:
-    """Map config sections and upstream folders onto each stage's entry point."""
-    if name == "base":
-        from tasks import base_model
-        return base_model.build(cfg.model, paths.root, out)
-    if name == "quantize":
-        from tasks import quantize
-        return quantize.build(paths.stage("base"), cfg.quantize, paths.data(cfg.quantize.calibration),
-                              cfg.build.device, out, cfg.model.trust_remote_code)
-    if name == "finetune":
-        from tasks import finetune
-        return finetune.build(paths.stage("quantize"), cfg.data, cfg.finetune, paths.data(cfg.data.path),
-                              cfg.build.device, out)
-    if name.startswith(FINETUNE_PREFIX):
-        from tasks import finetune
-        from tasks.config import adapter_data
-
-        adapter = name.removeprefix(FINETUNE_PREFIX)
-        return finetune.build(paths.stage("quantize"), adapter_data(cfg, adapter), cfg.finetune,
-                              paths.data(cfg.adapters[adapter].path), cfg.build.device, out)
-    if name.startswith(ADAPTER_PREFIX):
-        from tasks import export
-
-        adapter = name.removeprefix(ADAPTER_PREFIX)
-        return export.build_adapter(paths.stage("export"), paths.stage("quantize"),
-                                    paths.stage(FINETUNE_PREFIX + adapter), cfg.export, adapter, out)
-    if name == "export":
-        from tasks import export
-        scratch = paths.scratch(name)
-        shutil.rmtree(scratch, ignore_errors=True)
-        try:
-            return export.build(paths.stage("quantize"), paths.stage("finetune"), cfg.export, out, scratch)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    if name == "evaluate":
-        from tasks import evaluate
-        provenance = {up: {**read_manifest(paths.stage(up)), "manifest_sha256": manifest_digest(paths.stage(up))}
-                      for up in upstream_closure(name, stages_for(cfg))}
-        extra = {adapter: (paths.stage(ADAPTER_PREFIX + adapter), paths.stage(FINETUNE_PREFIX + adapter))
-                 for adapter in sorted(cfg.adapters)}
-        return evaluate.build(paths.stage("export"), paths.stage("finetune"), cfg.evaluate, cfg.export,
-                              out, provenance, extra, paths.stage("base") / "README.md")
-    raise AssertionError(f"stage {name} is in tasks.stages but has no entry point here")
+def _call_stage(stage, cfg: PipelineConfig, paths: Paths, out: Path) -> dict:
+    """The stage's declared entry point (tasks/stages.py), imported only now: heavy libraries load in
+    the stage's own process, never in doit's."""
+    module, _, function = stage.entry.partition(":")
+    return getattr(importlib.import_module(module), function)(cfg, paths, out, *stage.entry_args)
 
 
 def run_stage(name: str, cfg: PipelineConfig, paths: Paths) -> Path:
@@ -201,7 +164,7 @@ def _run_stage(name: str, cfg: PipelineConfig, paths: Paths) -> Path:
             raise PipelineError(f"input file {path} not found; fix the path in the config")
         files[rel] = sha256_file(path)
     final = paths.stage(name)
-    need = check_free_space(name, cfg, paths)
+    need = check_free_space(stage, cfg, paths)
     cache = RunCache.of(paths, cfg)
     key = cache_key(stage, cfg, paths, inputs, files) if cache else ""
     with stage_logging(paths.log(name)):
@@ -218,9 +181,9 @@ def _run_stage(name: str, cfg: PipelineConfig, paths: Paths) -> Path:
                     if original:  # the training log of the adapter you have is not lost with a restore
                         log.info("log of the run that built this output:\n%s", original.rstrip(), extra=FILE_ONLY)
                 else:
-                    with (gpu_slot(cfg.build.gpu_slots, f"{name} in {paths.build}") if uses_gpu(name, cfg)
+                    with (gpu_slot(cfg.build.gpu_slots, f"{name} in {paths.build}") if stage.gpu(cfg)
                           else contextlib.nullcontext()):
-                        facts = _call_stage(name, cfg, paths, staging) or {}
+                        facts = _call_stage(stage, cfg, paths, staging) or {}
                     write_manifest(staging, {
                         "stage": name,
                         "config": config_values(cfg, stage.keys),

@@ -1,34 +1,103 @@
-"""The stage graph as data: what each stage reads (upstream stages, config keys, input files, code).
+"""The stage graph as data: each stage declared once (upstream stages, config keys, input files, entry
+point, GPU use, disk need, processes), and the code it depends on read off its imports.
 
-dodo.py turns this into doit tasks; the runner uses it to record inputs in each manifest. Kept free
-of heavy imports so that ``doit list`` and a no-op build stay fast.
+dodo.py turns this into doit tasks; the runner, the disk and GPU checks, the Ray executor and the run
+cache read the same specs. Kept free of heavy imports (stage modules are only named, never imported
+here) so that ``doit list`` and a no-op build stay fast. Adding a stage: its module with a
+``run(cfg, paths, out)`` entry, and one ``Stage(...)`` line below.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable
 
+from tasks import disk
 from tasks.config import PipelineConfig
 
-# Code every stage runs through; a change here reruns all stages (early cutoff stops the cascade
-# where the bytes come out the same).
-COMMON_CODE = ("tasks/__main__.py", "tasks/runner.py", "tasks/manifest.py", "tasks/config.py", "tasks/paths.py",
-               "tasks/disk.py", "tasks/provenance.py",
-               "tasks/run_cache.py", "tasks/gpu_slots.py", "tasks/families.py")
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+FINETUNE_PREFIX, ADAPTER_PREFIX = "finetune_", "adapter_"
+
+
+@functools.lru_cache(maxsize=None)
+def code_of(module: str) -> tuple[str, ...]:
+    """``module`` (``tasks.x``) and every project module it imports, at the top or inside a function,
+    transitively, as sorted project-relative paths: the code a stage's output depends on, read off the
+    imports so that the list cannot drift."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = PACKAGE_ROOT / (name.replace(".", "/") + ".py")
+        if name in seen or not path.is_file():
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.startswith("tasks.")]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module == "tasks":
+                    todo += [f"tasks.{a.name}" for a in node.names]
+                elif node.module.startswith("tasks."):
+                    todo.append(node.module)
+    return tuple(sorted(n.replace(".", "/") + ".py" for n in seen))
+
+
+# Code every stage runs through (the command line and the runner, with what they import); a change
+# here reruns all stages (early cutoff stops the cascade where the bytes come out the same).
+COMMON_CODE = tuple(sorted({"tasks/__main__.py", *code_of("tasks.runner")}))
+
+
+def _never(cfg: PipelineConfig) -> bool:
+    return False
+
+
+def _on_build_device(cfg: PipelineConfig) -> bool:
+    return cfg.build.device == "cuda"
+
+
+def _runs_cuda_target(cfg: PipelineConfig) -> bool:
+    return "cuda" in cfg.export.targets
+
+
+def _one(cfg: PipelineConfig) -> int:
+    return 1
+
+
+def _training_processes(cfg: PipelineConfig) -> int:
+    return cfg.finetune.processes
 
 
 @dataclass(frozen=True)
 class Stage:
+    """Everything about one stage, declared once: doit's task (dodo.py), the runner, the disk and GPU
+    checks, the Ray executor and the run cache read this, and nothing branches on a stage's name."""
+
     name: str
     doc: str
     upstream: tuple[str, ...]
     keys: tuple[str, ...]
     """Config sections (``finetune``) or single keys (``build.device``) the stage reads."""
-    code: tuple[str, ...]
+    entry: str
+    """``module:function`` called as function(cfg, paths, out, *entry_args) in the stage's own process."""
     files: Callable[[PipelineConfig], list[str]] = lambda cfg: []
     """Input files named by the config (dataset, corpora)."""
+    gpu: Callable[[PipelineConfig], bool] = _never
+    """Whether the stage computes on the GPU for this config (it then holds a build.gpu_slots slot)."""
+    disk: Callable[[PipelineConfig, "Paths"], int | None] = lambda cfg, paths: None
+    """Upper bound of the bytes it writes into the build folder (checked before it starts)."""
+    processes: Callable[[PipelineConfig], int] = _one
+    """Processes it runs (each gets executor.cpus_per_stage, or a GPU, on a Ray cluster)."""
+    entry_args: tuple = ()
+
+    @property
+    def code(self) -> tuple[str, ...]:
+        """The stage's own code: its entry module and what that imports, less the common code."""
+        return tuple(p for p in code_of(self.entry.partition(":")[0]) if p not in COMMON_CODE)
 
 
 def base_files(cfg: PipelineConfig) -> list[str]:
@@ -38,39 +107,29 @@ def base_files(cfg: PipelineConfig) -> list[str]:
         return []
     if cfg.model.profile != "local":
         return [cfg.model.tiny.tokenizer_corpus]
-    import fnmatch
-    from pathlib import Path
-
-    from tasks.base_model import HUB_PATTERNS  # noqa: light module until a build function runs
+    from tasks.model_files import model_files
 
     folder = Path(cfg.model.path)
-    patterns = HUB_PATTERNS + (["*.py"] if cfg.model.trust_remote_code else [])
-    return sorted(str(folder / p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
-                  and any(fnmatch.fnmatch(p.relative_to(folder).as_posix(), pat) for pat in patterns))
+    return [str(folder / p.relative_to(folder)) for p in model_files(folder, cfg.model.trust_remote_code)]
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("base", "base model: random-init model built locally (tiny or a real shape), a Hub model at a pinned "
           "commit, or a local model folder",
-          (), ("model",), ("tasks/base_model.py",), lambda cfg: base_files(cfg)),
+          (), ("model",), "tasks.base_model:run", base_files, disk=disk.need_base),
     Stage("quantize", "AWQ 4-bit (zero point, GEMM) with local calibration text",
-          ("base",), ("quantize", "build.device", "model.trust_remote_code"),
-          ("tasks/quantize.py", "tasks/awq_search.py", "tasks/awq_twin.py"),
-          lambda cfg: [cfg.quantize.calibration]),
+          ("base",), ("quantize", "build.device", "model.trust_remote_code"), "tasks.quantize:run",
+          lambda cfg: [cfg.quantize.calibration], _on_build_device, disk.need_quantize),
     Stage("finetune", "LoRA trained against the 4-bit weights (float twin of the AWQ checkpoint)",
-          ("quantize",), ("data", "finetune", "build.device"),
-          ("tasks/finetune.py", "tasks/finetune_ddp.py", "tasks/awq_twin.py", "tasks/data.py", "tasks/progress.py",
-           "tasks/quantize.py"),  # select_device
-          lambda cfg: [cfg.data.path]),
+          ("quantize",), ("data", "finetune", "build.device"), "tasks.finetune:run",
+          lambda cfg: [cfg.data.path], _on_build_device, disk.need_finetune, _training_processes),
     Stage("export", "ONNX Runtime GenAI int4 base + switchable .onnx_adapter, logits checked",
-          ("quantize", "finetune"), ("export",),
-          ("tasks/export.py", "tasks/genai.py", "tasks/awq_twin.py", "tasks/data.py")),  # families: COMMON_CODE
+          ("quantize", "finetune"), ("export",), "tasks.export:run", gpu=_runs_cuda_target, disk=disk.need_export),
     Stage("evaluate", "package = export + report (texts, tokens/s, held-out loss with/without adapter) + model card",
-          ("export", "finetune"), ("evaluate", "export.targets", "export.adapter_name"),
-          ("tasks/evaluate.py", "tasks/genai.py", "tasks/data.py", "tasks/export.py")),
+          ("export", "finetune"), ("evaluate", "export.targets", "export.adapter_name"), "tasks.evaluate:run",
+          gpu=_runs_cuda_target, disk=disk.need_evaluate),
 )
 BY_NAME = {s.name: s for s in STAGES}
-FINETUNE_PREFIX, ADAPTER_PREFIX = "finetune_", "adapter_"
 
 
 def adapter_stages(name: str) -> tuple[Stage, Stage]:
@@ -78,11 +137,13 @@ def adapter_stages(name: str) -> tuple[Stage, Stage]:
     dataset, and its .onnx_adapter for the already exported base (no second export of the base)."""
     key = f"adapters.{name}"
     return (
-        Stage(f"{FINETUNE_PREFIX}{name}", f"LoRA '{name}' on its own dataset, against the same 4-bit weights",
-              ("quantize",), ("data.template", "data.eval_fraction", "data.split_seed", "finetune", "build.device", key),
-              BY_NAME["finetune"].code, lambda cfg: [cfg.adapters[name].path]),
+        replace(BY_NAME["finetune"], name=f"{FINETUNE_PREFIX}{name}",
+                doc=f"LoRA '{name}' on its own dataset, against the same 4-bit weights",
+                keys=("data.template", "data.eval_fraction", "data.split_seed", "finetune", "build.device", key),
+                files=lambda cfg: [cfg.adapters[name].path], entry_args=(name,)),
         Stage(f"{ADAPTER_PREFIX}{name}", f"'{name}'.onnx_adapter for the exported base, logits checked",
-              ("export", f"{FINETUNE_PREFIX}{name}"), ("export",), BY_NAME["export"].code),
+              ("export", f"{FINETUNE_PREFIX}{name}"), ("export",), "tasks.export:run_adapter",
+              gpu=_runs_cuda_target, disk=disk.need_adapter, entry_args=(name,)),
     )
 
 
@@ -93,8 +154,7 @@ def stages_for(cfg: PipelineConfig) -> tuple[Stage, ...]:
     if not extra:
         return STAGES
     package = BY_NAME["evaluate"]
-    package = Stage(package.name, package.doc, package.upstream + tuple(s.name for s in extra),
-                    package.keys + ("adapters",), package.code, package.files)
+    package = replace(package, upstream=package.upstream + tuple(s.name for s in extra), keys=package.keys + ("adapters",))
     return STAGES[:-1] + tuple(extra) + (package,)
 
 

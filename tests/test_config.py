@@ -114,7 +114,7 @@ def test_a_stray_brace_in_the_template_is_one_config_line(tmp_path):
     path = write(tmp_path, "")
     for template, problem in [("<|user|>{prompt}}{response}", r"the '\}' at character 17 closes no field"),
                               ("{prompt {response}", r"the '\{' at character 1 opens no field")]:
-        with pytest.raises(PipelineError, match=rf"^{path}: data.template: {problem}; .*write a literal brace as "
+        with pytest.raises(PipelineError, match=rf"^command line \(data.template=\.\.\.\): data.template: {problem}; .*write a literal brace as "
                                                 r"\{\{ or \}\}$"):
             load_config(path, [f"data.template={template!r}"])
     with pytest.raises(PipelineError, match=r"adapters.x.template: the '\}' at character 9 closes no field"):
@@ -173,7 +173,7 @@ def test_a_bad_value_fails_the_check_in_one_line_with_exit_code_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tasks", "check", "--set", "finetune.rank=true"], cwd=project,
                             capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == "error: pipeline.toml: finetune.rank: must be an integer, not true\n"
+    assert result.stderr == "error: command line (finetune.rank=...): finetune.rank: must be an integer, not true\n"
 
 
 def test_the_configuration_reference_is_generated_from_the_models_and_current():

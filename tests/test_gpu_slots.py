@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tasks.config import load_config
-from tasks.gpu_slots import gpu_slot, uses_gpu
+from tasks.gpu_slots import gpu_slot
+from tasks.stages import STAGES
 from tests.conftest import REPO
 
 
@@ -57,6 +58,5 @@ def test_a_killed_build_frees_its_slot_at_once(tmp_path):
 def test_which_stages_take_a_gpu_slot():
     cpu = load_config(REPO / "pipeline.toml")
     gpu = load_config(REPO / "pipeline.toml", ["build.device=cuda", 'export.targets=["cpu", "cuda"]'])
-    assert [s for s in ("base", "quantize", "finetune", "export", "evaluate") if uses_gpu(s, cpu)] == []
-    assert [s for s in ("base", "quantize", "finetune", "export", "evaluate") if uses_gpu(s, gpu)] == \
-        ["quantize", "finetune", "export", "evaluate"]
+    assert [s.name for s in STAGES if s.gpu(cpu)] == []
+    assert [s.name for s in STAGES if s.gpu(gpu)] == ["quantize", "finetune", "export", "evaluate"]

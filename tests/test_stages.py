@@ -1,0 +1,49 @@
+"""The stage specs (tasks/stages.py): declared once, read by everything, code read off the imports."""
+
+import ast
+from pathlib import Path
+
+from tasks.stages import COMMON_CODE, STAGES, code_of, stages_for
+from tasks.config import load_config
+
+from conftest import REPO
+
+STAGE_MODULES = {s.entry.partition(":")[0] for s in STAGES}
+
+
+def test_a_stage_depends_on_exactly_the_code_its_entry_imports():
+    # finetune reaches its distributed path, export the float twin; nothing reaches another stage
+    finetune = {s.name: s for s in STAGES}["finetune"]
+    assert "tasks/finetune_ddp.py" in finetune.code and "tasks/awq_twin.py" in finetune.code
+    for stage in STAGES:
+        others = {m.replace(".", "/") + ".py" for m in STAGE_MODULES} - {stage.entry.partition(":")[0].replace(".", "/") + ".py"}
+        assert not others & set(stage.code), f"{stage.name} imports another stage: {others & set(stage.code)}"
+        assert not others & set(COMMON_CODE)
+
+
+def test_no_module_of_the_project_branches_on_a_stage_name():
+    """Runner, disk, GPU slots, Ray executor and run cache read the specs; only tasks/stages.py names stages."""
+    for module in ("runner", "disk", "gpu_slots", "ray_executor", "run_cache"):
+        tree = ast.parse((REPO / "tasks" / f"{module}.py").read_text())
+        compared = [node for node in ast.walk(tree) if isinstance(node, ast.Compare)
+                    and any(isinstance(c, ast.Constant) and c.value in {s.name for s in STAGES}
+                            for c in [node.left, *node.comparators])]
+        assert compared == [], f"tasks/{module}.py compares with a stage name at line {compared[0].lineno}"
+
+
+def test_every_stage_entry_exists_and_an_adapter_stage_reuses_its_core_stages_spec():
+    import importlib
+
+    cfg = load_config(REPO / "pipeline.toml", ["adapters.legal.path=data/travel_qa.jsonl"])
+    for stage in stages_for(cfg):
+        module, _, function = stage.entry.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), stage.entry
+    by_name = {s.name: s for s in stages_for(cfg)}
+    assert by_name["finetune_legal"].code == by_name["finetune"].code
+    assert by_name["finetune_legal"].entry_args == ("legal",)
+    assert "finetune_legal" in by_name["evaluate"].upstream and "adapter_legal" in by_name["evaluate"].upstream
+
+
+def test_code_of_follows_imports_inside_functions_too():
+    assert "tasks/finetune_ddp.py" in code_of("tasks.finetune")  # imported inside build()
+    assert not {"tasks/finetune.py", "tasks/export.py"} & set(code_of("tasks.quantize"))
