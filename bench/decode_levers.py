@@ -5,8 +5,10 @@
 Variants, each a scratch copy of the package (the package itself is not touched):
   as_built        the package as the export stage wrote it
   fixed_context   the If node that switches longrope's short/long cos-sin caches replaced by the short
-                  caches (valid up to original_max_position_embeddings tokens of context)
-  cuda_graph      fixed_context plus onnxruntime-genai's CUDA graph capture (enable_cuda_graph)
+                  caches (valid up to original_max_position_embeddings tokens of context); only for
+                  graphs that have that node (Phi-3 longrope), skipped for the others (plain RoPE)
+  cuda_graph      fixed_context (or as_built, where there is no If node) plus onnxruntime-genai's CUDA
+                  graph capture (enable_cuda_graph)
 Each is timed without and with the adapter: batch 1, 128 prompt tokens, 256 new, greedy, best of 3.
 A variant that fails to load or run is reported with its error, not hidden.
 """
@@ -37,6 +39,14 @@ def copy_package(src: Path, dst: Path) -> Path:
         else:  # copies (clones): ONNX Runtime refuses external data reached through a symlink
             clone_file(item, dst / item.name)
     return dst
+
+
+def has_context_switch(folder: Path) -> bool:
+    """Whether the graph has longrope's If node choosing the short or long cos/sin caches."""
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    return any(n.op_type == "If" and set(n.output) == {"cos_cache", "sin_cache"} for n in graph.node)
 
 
 def fix_context(folder: Path) -> int:
@@ -124,17 +134,23 @@ def main() -> None:
     try:
         variants = {}
         variants["as_built"] = copy_package(args.package, scratch / "as_built")
-        fixed = copy_package(args.package, scratch / "fixed_context")
-        results["context_bound"] = fix_context(fixed)
-        variants["fixed_context"] = fixed
+        switch = has_context_switch(args.package)
+        results["has_longrope_if"] = switch
+        if switch:
+            fixed = copy_package(args.package, scratch / "fixed_context")
+            results["context_bound"] = fix_context(fixed)
+            variants["fixed_context"] = fixed
         graph = copy_package(args.package, scratch / "cuda_graph")
-        fix_context(graph)
+        if switch:
+            fix_context(graph)
         enable_cuda_graph(graph)
         variants["cuda_graph"] = graph
         adapter_file = args.package / f"{args.adapter}.onnx_adapter"
         for name, folder in variants.items():
             results[name] = {}
-            for label, adapter in (("without_adapter", None), ("with_adapter", adapter_file)):
+            # A package without the adapter file (the model builder's plain one): without it only.
+            runs = (("without_adapter", None), ("with_adapter", adapter_file)) if adapter_file.is_file() else (("without_adapter", None),)
+            for label, adapter in runs:
                 try:
                     results[name][label] = time_decode(folder, adapter, args.adapter if adapter else None)
                 except Exception as exc:  # a lever that does not work is a finding

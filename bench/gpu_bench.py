@@ -1,4 +1,4 @@
-"""GPU benchmark: our pipeline on the Phi-3.5-mini shape beside the lab's steps, on one GPU.
+"""GPU benchmark: our pipeline on a shape profile (Phi-3.5-mini's by default) beside the lab's steps, on one GPU.
 
 Phases (run all, or a few at a time so that each call stays short; results accumulate in
 <work>/results.json and are rewritten as JSON + PNG by the `report` phase):
@@ -8,7 +8,7 @@ Phases (run all, or a few at a time so that each call stays short; results accum
   awq        the lab's AWQ (AutoAWQ's own search, which `olive quantize --algorithm awq` runs) vs
              our fast search, same model sizes and calibration, on --awq-layers decoder layers
   lab        the lab's `olive finetune` (same data, template and step count) and the GenAI model
-             builder CLI that `olive auto-opt --use_ort_genai` runs, on the same GPU
+             builder CLI that `olive auto-opt --use_ort_genai` runs, on the same GPU (--lab-steps: a subset)
   decode     batch 1, 128 prompt tokens, 256 new tokens: the package (adapter on and off) vs
              transformers generate in bf16, and the bandwidth limit
   report     results.json -> <out>/gpu_bench.json and <out>/gpu_bench.png
@@ -128,13 +128,14 @@ def phase_pipeline(work: Path, results: dict, stages: list[str], targets: list[s
     from bench.calibration import write_benchmark_calibration
     from tasks.base_model import train_tokenizer
     from tasks.config import load_config
+    from tasks.families import FAMILIES
 
     config = write_config(work, targets, profile)
     results["profile"] = profile
     if not (work / "calibration.txt").is_file():
         # Sized with the tokenizer the base stage will train (deterministic: same corpus, same vocab).
         spec = load_config(config).model.random_spec
-        tokenizer = train_tokenizer(REPO / spec.tokenizer_corpus, spec.vocab_size)
+        tokenizer = train_tokenizer(REPO / spec.tokenizer_corpus, spec.vocab_size, FAMILIES[spec.family])
         write_benchmark_calibration(REPO, tokenizer, work / "calibration.txt")
     gpu = GpuMemoryPeak()
     out = results.setdefault("pipeline", {"stages": {}})
@@ -192,7 +193,10 @@ def phase_awq(work: Path, results: dict, layers: int) -> None:
     save_results(work, results)
 
 
-def phase_lab(work: Path, results: dict) -> None:
+LAB_STEPS = ("olive_finetune", "builder_cuda")
+
+
+def phase_lab(work: Path, results: dict, steps: list[str]) -> None:
     """The lab's own commands where they run offline with our pinned stack."""
     build = work / "build"
     out = results.setdefault("lab", {})
@@ -211,6 +215,8 @@ def phase_lab(work: Path, results: dict) -> None:
     builder = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(build / "quantize"),
                "-o", str(lab / "builder-cuda"), "-p", "int4", "-e", "cuda", "-c", str(lab / "cache")]
     for name, cmd in (("olive_finetune", olive), ("builder_cuda", builder)):
+        if name not in steps:
+            continue
         with gpu.watch():
             start = time.perf_counter()
             run = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -373,6 +379,20 @@ def environment() -> dict:
 
     info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
             "packages": package_versions()}
+    # What `import` finds (carried wheels shadow the image's packages; metadata may name the image's).
+    imported = {}
+    for module in ("onnxruntime", "onnxruntime_genai", "transformers"):
+        try:
+            imported[module] = __import__(module).__version__
+        except Exception as exc:  # noqa: BLE001 - record, do not fail the benchmark
+            imported[module] = f"not importable: {type(exc).__name__}"
+    try:
+        import onnxruntime
+
+        imported["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    except Exception:  # noqa: BLE001
+        pass
+    info["imported"] = imported
     try:
         info["packages"]["olive-ai"] = metadata.version("olive-ai")
     except metadata.PackageNotFoundError:
@@ -408,7 +428,7 @@ def phase_report(work: Path, results: dict, out_dir: Path) -> None:
     xs = [i for i, s in enumerate(names) if refs.get(s)]
     ax1.scatter(xs, [refs[names[i]] for i in xs], color="tab:red", zorder=3, label="lab step (same GPU)")
     ax1.set_ylabel("seconds")
-    ax1.set_title("Phi-3.5-mini shape: stage wall time")
+    ax1.set_title(f"{results.get('profile', 'phi-3.5-mini-shape')}: stage wall time")
     ax1.legend()
     dec = results.get("decode", {})
     bars = {}
@@ -435,6 +455,7 @@ def main() -> None:
     parser.add_argument("--stages", default=",".join(STAGE_ORDER), help="pipeline phase: stages to build now")
     parser.add_argument("--targets", default="cuda", help="export targets of the benchmark build")
     parser.add_argument("--profile", default="phi-3.5-mini-shape", help="model profile (tiny: a quick smoke run)")
+    parser.add_argument("--lab-steps", default=",".join(LAB_STEPS), help="lab phase: which of its steps to run")
     parser.add_argument("--awq-layers", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time transformers with torch.compile")
     parser.add_argument("--work", type=Path, default=REPO / "build/gpu-bench")
@@ -442,7 +463,11 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = load_results(args.work)
-    results.setdefault("environment", environment())
+    # Refreshed on every call (phases can run in separate calls, with more carried by the later ones);
+    # the date stays the first call's.
+    env = environment()
+    env["date"] = results.get("environment", {}).get("date", env["date"])
+    results["environment"] = env
     save_results(args.work, results)
     phases = args.phases.split(",")
     if "pipeline" in phases:
@@ -450,7 +475,7 @@ def main() -> None:
     if "awq" in phases:
         phase_awq(args.work, results, args.awq_layers)
     if "lab" in phases:
-        phase_lab(args.work, results)
+        phase_lab(args.work, results, args.lab_steps.split(","))
     if "decode" in phases:
         phase_decode(args.work, results, args.compile)
     if "report" in phases:
