@@ -3,7 +3,7 @@
     doit                              build everything that is stale (default config pipeline.toml)
     doit config=other.toml            another config (its build.dir keeps the outputs apart)
     doit finetune.rank=16             override any config key from the command line
-    doit list / info -s finetune / clean export
+    doit list / info finetune / clean export
 """
 
 import json
@@ -21,6 +21,7 @@ from tasks.config import load_config
 from tasks.doit_cli import answer_before_doit
 from tasks.doit_guard import guard_state_database
 from tasks.doit_reporter import reporter_for
+from tasks.doit_uptodate import ConfigKeys
 from tasks.errors import PipelineError
 from tasks.manifest import manifest_problem, remove_stage_output
 from tasks.ownership import claim
@@ -136,7 +137,7 @@ def _stage_task(stage):
             "task_dep": ["check"],
             "targets": [rel(PATHS.manifest(stage.name))],
             # A damaged MANIFEST.json (truncated, edited) is never up to date, so nothing builds on top of it.
-            "uptodate": [config_changed(config_fingerprint(CFG, stage)), _ManifestIntact(stage.name)],
+            "uptodate": [ConfigKeys(config_fingerprint(CFG, stage)), _ManifestIntact(stage.name)],
             "clean": [(_clean_stage, [PATHS.stage(stage.name)])],
             "verbosity": 2,
         }

@@ -29,3 +29,9 @@ def test_doit_strace_is_a_build_and_takes_the_build_lock(tmp_path):
 
     assert "strace" not in READ_ONLY_COMMANDS
     assert doit_command(["doit", "strace", "base"]) == "strace"
+
+
+def test_doit_info_names_the_config_keys_that_changed_old_and_new(built_project):
+    result = doit(built_project, "info", "finetune", "finetune.rank=16", "finetune.alpha=8")
+    assert "config changed: finetune.alpha: 16.0 -> 8.0; finetune.rank: 8 -> 16" in result.stdout
+    assert '"learning_rate"' not in result.stdout  # not the whole section
