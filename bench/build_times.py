@@ -49,12 +49,13 @@ def cold_build(noop_runs: int, *settings: str) -> dict:
         noop = [run_doit(project, *settings) for _ in range(noop_runs)]
         size = sum(p.stat().st_size for p in (project / "build/tiny/package").rglob("*") if p.is_file())
         config = json.loads((project / "build/tiny/base/config.json").read_text())
+        facts = json.loads((project / "build/tiny/base/MANIFEST.json").read_text())["facts"]
     return {
         "cold_build_s": round(cold, 1),
         "stage_s": stages,
         "noop_s": {"median": round(statistics.median(noop), 3), "max": round(max(noop), 3)},
         "package_bytes": size,
-        "parameters": json.loads((project / "build/tiny/base/MANIFEST.json").read_text())["facts"].get("parameters"),
+        "parameters": facts.get("parameters"),
         "model_type": config["model_type"],
     }
 
