@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tools.harness import make_project  # noqa: E402
 
 
 def run_doit(project: Path, *settings: str) -> float:
@@ -36,10 +38,7 @@ def cold_build(noop_runs: int, *settings: str) -> dict:
     """One cold build in a fresh project folder (its own, empty run cache), then ``noop_runs`` no-op ones."""
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp) / "project"
-        project.mkdir()
-        for name in ("dodo.py", "pipeline.toml", "pyproject.toml", "tasks", "data", "requirements"):
-            src = REPO / name
-            (shutil.copytree if src.is_dir() else shutil.copy2)(src, project / name)
+        make_project(project)
         cold = run_doit(project, *settings)
         stages = {}
         for log in sorted((project / "build/tiny/logs").glob("*.log")):
@@ -73,7 +72,6 @@ def main() -> None:
                                  text=True).stdout.strip(),
     }
     if args.families:
-        sys.path.insert(0, str(REPO))
         from tasks.families import FAMILIES
 
         names = sorted(FAMILIES) if args.families == "all" else args.families.split(",")

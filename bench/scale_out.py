@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import copy_project, make_project  # noqa: E402
+from tools.harness import copy_project, make_project  # noqa: E402
 from tests.ray_cluster import LoopbackCluster, loopback_namespace_available  # noqa: E402
 from tests.test_adapters import write_dataset  # noqa: E402
 

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tools.harness import make_project  # noqa: E402
 
 
 def timed_doit(project: Path, *args: str) -> float:
@@ -38,9 +40,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp) / "project"
         project.mkdir()
-        for name in ("dodo.py", "pipeline.toml", "tasks", "data", "requirements"):
-            src = REPO / name
-            (shutil.copytree if src.is_dir() else shutil.copy2)(src, project / name)
+        make_project(project)
         result = {
             "cold_build_s": timed_doit(project),
             "switch_to_rank16_s": timed_doit(project, "finetune.rank=16"),

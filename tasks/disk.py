@@ -16,13 +16,14 @@ from pathlib import Path
 from tasks.config import PipelineConfig
 from tasks.errors import PipelineError
 from tasks.paths import Paths
+from tasks.manifest import MANIFEST
 
 MB = 1 << 20
 SLACK = 64 * MB  # logs, manifests, tokenizer files, builder caches
 
 
 def _published_bytes(folder: Path) -> int:
-    manifest = folder / "MANIFEST.json"
+    manifest = folder / MANIFEST
     if not manifest.is_file():
         return 0
     return sum(f["size"] for f in json.loads(manifest.read_text(encoding="utf-8"))["files"].values())

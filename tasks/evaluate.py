@@ -20,7 +20,7 @@ from pathlib import Path
 from tasks.config import EvaluateSection, ExportSection
 from tasks.data import Record, Render, full_text, genai_renderer, prompt_part, prompt_text, read_heldout
 from tasks.errors import PipelineError
-from tasks.manifest import clone_tree
+from tasks.manifest import MANIFEST, clone_tree
 from tasks.devices import NO_GPU, target_runs_here
 from tasks.genai import ADAPTER_SUFFIX, all_logits, open_model, stream
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def copy_package(src: Path, dst: Path) -> None:
     """The export files, cloned (a package a user edits never reaches export/); the export's manifest stays behind."""
-    clone_tree(src, dst, exclude=("MANIFEST.json",))
+    clone_tree(src, dst, exclude=(MANIFEST,))
 
 
 def response_loss(model, adapters, adapter, tokenizer, render_chat: Render, record: Record) -> tuple[float, int]:
@@ -100,7 +100,7 @@ def add_extra_adapters(out: Path, extra: dict[str, tuple[Path, Path]], section: 
     """Link each extra adapter's files beside the base and evaluate it by name, on its own held-out set."""
     report: dict = {}
     for name, (adapter_dir, finetune_dir) in sorted(extra.items()):
-        clone_tree(adapter_dir, out, exclude=("MANIFEST.json", "adapter_check.json"))
+        clone_tree(adapter_dir, out, exclude=(MANIFEST, "adapter_check.json"))
         template, held = read_heldout(finetune_dir)
         report[name] = {"heldout_records": len(held), "targets": {}}
         for target in export.targets:

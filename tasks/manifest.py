@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 from tasks.errors import PipelineError
 from tasks.failpoints import failpoint
+from tasks.paths import STAGING_FOLDER
 
 MANIFEST = "MANIFEST.json"
 # Versions recorded in every manifest: the libraries whose code decides a stage's bytes.
@@ -189,7 +190,7 @@ def staged_output(final: Path) -> Iterator[Path]:
     if final.exists() and not (final.is_dir() and not final.is_symlink() and is_stage_output(final)):
         raise PipelineError(f"{final} exists but is not an output of this build (no {MANIFEST}); it was not "
                             "replaced: move it out of the build folder and run doit again")
-    staging_root = final.parent / ".staging"
+    staging_root = final.parent / STAGING_FOLDER
     staging_root.mkdir(parents=True, exist_ok=True)
     # Leftovers of killed runs of this stage are never adopted: remove them first.
     for stale in staging_root.glob(f"{final.name}.*"):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.errors import PipelineError
+from tasks.paths import PACKAGE_FOLDER
 
 MAX_POINTS = 64
 
@@ -92,9 +93,9 @@ def _size(folder: Path) -> int:
 
 
 def point_row(root: Path, build_dir: str, point: Point, target: str) -> dict:
-    package = root / point_build_dir(build_dir, point) / "package"
+    package = root / point_build_dir(build_dir, point) / PACKAGE_FOLDER
     row = {"point": point.slug, **point.values}
-    if not (package / "MANIFEST.json").is_file():
+    if not (package / MANIFEST).is_file():
         return {**row, "built": False}
     report = json.loads((package / "report.json").read_text(encoding="utf-8"))["targets"].get(target, {})
     speed = json.loads((package / "speed.json").read_text(encoding="utf-8"))["decode_tokens_per_s"].get(target, {})

@@ -8,6 +8,13 @@ from pathlib import Path
 from tasks.config import PipelineConfig
 
 
+# Folder and file names the build writes, in one place.
+PACKAGE_FOLDER = "package"     # the evaluate stage's output: the finished, shippable package
+STAGING_FOLDER = ".staging"    # where a running stage writes before its output is published
+LOGS_FOLDER = "logs"
+DOIT_DB = ".doit.sqlite3"
+
+
 @dataclass(frozen=True)
 class Paths:
     root: Path
@@ -20,21 +27,21 @@ class Paths:
 
     def stage(self, name: str) -> Path:
         # The evaluate stage's output is the finished, shippable package.
-        return self.build / ("package" if name == "evaluate" else name)
+        return self.build / (PACKAGE_FOLDER if name == "evaluate" else name)
 
     def manifest(self, name: str) -> Path:
         return self.stage(name) / "MANIFEST.json"
 
     def log(self, name: str) -> Path:
-        return self.build / "logs" / f"{name}.log"
+        return self.build / LOGS_FOLDER / f"{name}.log"
 
     def scratch(self, name: str) -> Path:
         """Working space of a running stage; beside the staging folders, removed afterwards."""
-        return self.build / ".staging" / f"{name}.scratch"
+        return self.build / STAGING_FOLDER / f"{name}.scratch"
 
     @property
     def doit_db(self) -> Path:
-        return self.build / ".doit.sqlite3"
+        return self.build / DOIT_DB
 
     def data(self, relative: str) -> Path:
         """A config-named input file (relative to the project root unless absolute)."""

@@ -25,6 +25,7 @@ from tasks.errors import PipelineError
 from tasks.paths import Paths
 from tasks.registries import Registry, Version, open_registry
 from tasks.secrets import RedactingFormatter, redact
+from tasks.paths import STAGING_FOLDER
 
 log = logging.getLogger("tasks.publish")
 
@@ -42,7 +43,7 @@ def publish(paths: Paths, cfg: PipelineConfig, registry: Registry | None = None)
     # Opening a registry checks its URI and names against the registry's own rules without any network
     # call: a name it would refuse is refused before the package is even hashed, let alone uploaded.
     registry = registry or open_registry(cfg.publish)
-    staging = paths.build / ".staging" / f"publish.{os.getpid()}"
+    staging = paths.build / STAGING_FOLDER / f"publish.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from tasks.errors import PipelineError
+from tasks.paths import STAGING_FOLDER
 
 READ_ONLY_COMMANDS = {"list", "info", "help", "dumpdb", "tabcompletion"}
 
@@ -86,7 +87,7 @@ def _running_stages(build_dir: Path) -> str:
             fcntl.flock(probe, fcntl.LOCK_UN)
             return ""
     alive = []
-    for staging in sorted((build_dir / ".staging").glob("*.*")):
+    for staging in sorted((build_dir / STAGING_FOLDER).glob("*.*")):
         stage, _, pid = staging.name.rpartition(".")
         if pid.isdigit() and _pid_alive(int(pid)):
             alive.append(f"{stage} pid {pid}")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import doit, make_project
 
 
@@ -31,6 +33,7 @@ def test_doit_strace_is_a_build_and_takes_the_build_lock(tmp_path):
     assert doit_command(["doit", "strace", "base"]) == "strace"
 
 
+@pytest.mark.slow
 def test_doit_info_names_the_config_keys_that_changed_old_and_new(built_project):
     result = doit(built_project, "info", "finetune", "finetune.rank=16", "finetune.alpha=8")
     assert "config changed: finetune.alpha: 16.0 -> 8.0; finetune.rank: 8 -> 16" in result.stdout

@@ -65,6 +65,7 @@ from tasks.config import load_config  # noqa: E402
 from tasks.failpoints import ENV as FAILPOINT_ENV, FILE_ENV as FAILPOINT_FILE_ENV, NAMES as FAILPOINTS  # noqa: E402
 from tasks.manifest import MANIFEST, DamagedManifest, file_table, read_manifest, sha256_file  # noqa: E402
 from tasks.ownership import CACHE_LEFTOVER  # noqa: E402
+from tools.harness import make_project  # noqa: E402
 from tasks.paths import Paths  # noqa: E402
 from tasks.run_cache import RunCache  # noqa: E402
 from tasks.stages import STAGES  # noqa: E402
@@ -444,15 +445,6 @@ class Trials:
         steps.append(f"verify: exit {run(self.project, '-m', 'tasks', 'verify', check=False).returncode}")
         self.outside = outside_snapshot(self.project, self.sibling)
         return steps
-
-
-def make_project(dst: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for rel in filter(None, files.split("\0")):
-        if (REPO / rel).is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dst / rel)
-    return dst
 
 
 def plant(project: Path, sibling: Path) -> None:
