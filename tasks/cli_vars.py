@@ -18,6 +18,8 @@ def config_overrides() -> list[str]:
 
     from tasks.errors import PipelineError
 
+    # doit 0.37 has get_var(name) only, no way to list the variables; its table is read directly
+    # (pinned doit; tests/test_config.py fails if a doit upgrade moves it)
     table = doit_cmd._CMDLINE_VARS or {}
     for name in sorted(table):
         if "." not in name and name not in PLAIN_VARS:

@@ -5,7 +5,8 @@ several AWQ searches or LoRA trainings on one GPU and run it out of memory. A st
 the GPU first takes one of ``build.gpu_slots`` slot locks (``flock`` on files in one folder shared by
 all builds: ``$PIPELINE_GPU_LOCK_DIR``, default ``~/.cache/ondevice-llm-build/gpu-slots``); when all are
 held it waits, saying which processes hold them. The kernel drops a lock when its process dies, so a
-killed build never leaves a slot taken.
+killed build never leaves a slot taken. (The filelock package locks one file; this takes any one of N,
+and names the holders while it waits.)
 """
 
 from __future__ import annotations

@@ -33,12 +33,9 @@ RECORDED_PACKAGES = (
 )
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 # The log of the run that built a run-cache entry, kept in the entry beside its files (never a stage's output).

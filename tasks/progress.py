@@ -1,4 +1,9 @@
-"""Progress of long stage loops: step count, rate and ETA as log lines (they land in the stage log too)."""
+"""Progress of long stage loops: step count, rate and ETA as log lines (they land in the stage log too).
+
+Why not tqdm or rich: a stage's terminal is often not a terminal (doit's captured output, a Ray
+worker's forwarded log, a CI log), where a redrawn bar turns into hundreds of lines; and the same
+progress must be in the stage log. About ten plain log lines per loop serve all of these.
+"""
 
 from __future__ import annotations
 

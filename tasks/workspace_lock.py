@@ -10,6 +10,9 @@ The lock must outlive doit's own process: a stage is a child process, and killin
 process group) leaves the stage running. So every stage process also holds a shared lock on
 ``<build.dir>/.stage-lock`` for as long as it lives, and a new doit takes the build lock only when it
 can briefly take that one exclusively, i.e. when no stage process of an earlier run is still alive.
+
+Why fcntl and not the filelock package: filelock has no shared locks, and this needs one (every
+stage process shares .stage-lock), plus a non-blocking probe that names the holder's pid.
 """
 
 from __future__ import annotations
