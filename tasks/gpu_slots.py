@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from tasks.config import PipelineConfig
 
 log = logging.getLogger("tasks.gpu")
 

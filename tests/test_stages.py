@@ -14,7 +14,7 @@ STAGE_MODULES = {s.entry.partition(":")[0] for s in STAGES}
 def test_a_stage_depends_on_exactly_the_code_its_entry_imports():
     # finetune reaches its distributed path, export the float twin; nothing reaches another stage
     finetune = {s.name: s for s in STAGES}["finetune"]
-    assert "tasks/finetune_ddp.py" in finetune.code and "tasks/awq_twin.py" in finetune.code
+    assert "tasks/awq_twin.py" in finetune.code and "tasks/progress.py" in finetune.code
     for stage in STAGES:
         others = {m.replace(".", "/") + ".py" for m in STAGE_MODULES} - {stage.entry.partition(":")[0].replace(".", "/") + ".py"}
         assert not others & set(stage.code), f"{stage.name} imports another stage: {others & set(stage.code)}"
@@ -45,5 +45,5 @@ def test_every_stage_entry_exists_and_an_adapter_stage_reuses_its_core_stages_sp
 
 
 def test_code_of_follows_imports_inside_functions_too():
-    assert "tasks/finetune_ddp.py" in code_of("tasks.finetune")  # imported inside build()
+    assert "tasks/devices.py" in code_of("tasks.finetune")  # imported inside train()
     assert not {"tasks/finetune.py", "tasks/export.py"} & set(code_of("tasks.quantize"))
