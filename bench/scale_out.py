@@ -8,7 +8,7 @@ eight adapters and evaluates the package (8 finetune_* + 8 adapter_* + evaluate 
   serial   doit                      (one stage at a time, this machine)
   n2       doit -n 2                 (two stage processes at a time, this machine)
   ray      doit executor.kind=ray    (a 2-node cluster on this machine, 1 CPU each, in a loopback-only
-                                      network namespace: needs root; see tests/ray_cluster.py)
+                                      network namespace: needs root; see tools/ray_cluster.py)
 and, for the Ray run, each stage's dispatch overhead: the stage's time on the cluster minus the
 stage process's own time on the node (joining the cluster, scheduling, starting a worker).
 """
@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tools.harness import copy_project, make_project  # noqa: E402
-from tests.ray_cluster import LoopbackCluster, loopback_namespace_available  # noqa: E402
-from tests.test_adapters import write_dataset  # noqa: E402
+from tools.ray_cluster import LoopbackCluster, loopback_namespace_available  # noqa: E402
+from tools.harness import write_dataset  # noqa: E402
 
 ADAPTERS = 8
 

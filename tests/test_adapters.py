@@ -14,16 +14,9 @@ import pytest
 from tasks.config import load_config
 from tasks.errors import PipelineError
 from tests.conftest import REPO, doit, manifest_digests
+from tools.harness import write_dataset
 
 pytestmark = pytest.mark.slow
-
-
-def write_dataset(project: Path, name: str, reply) -> str:
-    """A dataset of the project's own travel prompts with another kind of answer (a different skill)."""
-    records = [json.loads(line) for line in (project / "data/travel_qa.jsonl").read_text().splitlines()]
-    rel = f"data/{name}_qa.jsonl"
-    (project / rel).write_text("".join(json.dumps({"prompt": r["prompt"], "response": reply(r)}) + "\n" for r in records))
-    return f'adapters.{name}.path="{rel}"'
 
 
 def ran(result) -> list[str]:

@@ -18,8 +18,8 @@ import pytest
 
 from tasks.manifest import sha256_file
 from tests.conftest import copy_project, doit, make_project
-from tests.ray_cluster import LoopbackCluster, loopback_namespace_available
-from tests.test_adapters import write_dataset
+from tools.ray_cluster import LoopbackCluster, loopback_namespace_available
+from tools.harness import write_dataset
 
 pytestmark = pytest.mark.slow
 WHY_NOT = loopback_namespace_available()

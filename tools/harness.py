@@ -86,3 +86,9 @@ def copy_project(src: Path, dst: Path) -> Path:
     return dst
 
 
+def write_dataset(project: Path, name: str, reply) -> str:
+    """A dataset of the project's own travel prompts with another kind of answer (a different skill)."""
+    records = [json.loads(line) for line in (project / "data/travel_qa.jsonl").read_text().splitlines()]
+    rel = f"data/{name}_qa.jsonl"
+    (project / rel).write_text("".join(json.dumps({"prompt": r["prompt"], "response": reply(r)}) + "\n" for r in records))
+    return f'adapters.{name}.path="{rel}"'
