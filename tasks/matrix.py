@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.errors import PipelineError
+from tasks.manifest import MANIFEST
 from tasks.paths import PACKAGE_FOLDER
 
 MAX_POINTS = 64

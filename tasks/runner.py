@@ -8,7 +8,6 @@ import importlib
 import io
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path

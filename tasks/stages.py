@@ -18,6 +18,7 @@ from typing import Callable
 
 from tasks import disk
 from tasks.config import PipelineConfig
+from tasks.paths import Paths
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 FINETUNE_PREFIX, ADAPTER_PREFIX = "finetune_", "adapter_"
@@ -97,7 +98,7 @@ class Stage:
     """Input files named by the config (dataset, corpora)."""
     gpu: Callable[[PipelineConfig], bool] = _never
     """Whether the stage computes on the GPU for this config (it then holds a build.gpu_slots slot)."""
-    disk: Callable[[PipelineConfig, "Paths"], int | None] = lambda cfg, paths: None
+    disk: Callable[[PipelineConfig, Paths], int | None] = lambda cfg, paths: None
     """Upper bound of the bytes it writes into the build folder (checked before it starts)."""
     processes: Callable[[PipelineConfig], int] = _one
     """Processes it runs (each gets executor.cpus_per_stage, or a GPU, on a Ray cluster)."""

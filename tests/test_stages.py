@@ -1,7 +1,6 @@
 """The stage specs (tasks/stages.py): declared once, read by everything, code read off the imports."""
 
 import ast
-from pathlib import Path
 
 from tasks.stages import COMMON_CODE, STAGES, code_of, stages_for
 from tasks.config import load_config
