@@ -7,6 +7,7 @@ weights, tokenizer files with the chat template) that the quantize stage reads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -200,19 +201,16 @@ def copy_local_model(folder: Path, out: Path, trust_remote_code: bool = False) -
     return {"source": "local", "path": str(folder), "remote_code": remote_code}
 
 
-def fetch_hub_model(repo_id: str, revision: str, out: Path, trust_remote_code: bool = False,
-                    allow_floating_revision: bool = False) -> dict:
-    """snapshot_download at a commit into the standard HF cache (HF_HOME, HF_HUB_OFFLINE and
-    HF_TOKEN from the environment), then link the files into ``out``."""
-    from huggingface_hub import snapshot_download
+@contextlib.contextmanager
+def hub_errors(repo_id: str, revision: str):
+    """The Hub's errors for ``repo_id`` at ``revision`` as one line that says what to do (the base stage's
+    download and check's read of config.json go through this)."""
     from huggingface_hub.errors import (
         GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
     )
 
-    log.info("fetching %s at %s (cache: HF_HOME=%s, offline=%s)", repo_id, revision,
-             os.environ.get("HF_HOME", "~/.cache/huggingface"), os.environ.get("HF_HUB_OFFLINE", "0"))
     try:
-        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=model_patterns(trust_remote_code)))
+        yield
     except GatedRepoError:
         raise PipelineError(
             f"{repo_id} is gated; accept its license on huggingface.co and export HF_TOKEN with read access"
@@ -228,6 +226,18 @@ def fetch_hub_model(repo_id: str, revision: str, out: Path, trust_remote_code: b
             f"{repo_id}@{revision[:12]} is not in the local HF cache and the Hub cannot be reached "
             "(HF_HUB_OFFLINE set or no network); run once with network access or point HF_HOME at a cache that has it"
         ) from None
+
+
+def fetch_hub_model(repo_id: str, revision: str, out: Path, trust_remote_code: bool = False,
+                    allow_floating_revision: bool = False) -> dict:
+    """snapshot_download at a commit into the standard HF cache (HF_HOME, HF_HUB_OFFLINE and
+    HF_TOKEN from the environment), then link the files into ``out``."""
+    from huggingface_hub import snapshot_download
+
+    log.info("fetching %s at %s (cache: HF_HOME=%s, offline=%s)", repo_id, revision,
+             os.environ.get("HF_HOME", "~/.cache/huggingface"), os.environ.get("HF_HUB_OFFLINE", "0"))
+    with hub_errors(repo_id, revision):
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=model_patterns(trust_remote_code)))
     commit = snapshot.name  # snapshots/<commit>: what a branch or tag resolved to
     if commit != revision:
         log.warning("floating revision %r resolved to commit %s; pin that commit to make this build repeatable",

@@ -166,8 +166,9 @@ class TinyModel(Section):
 class ModelSection(Section):
     profile: str = "tiny"
     """tiny (built locally, offline; any family via model.tiny.family), phi-3.5-mini (pinned Hub commit), hub
-    (repo_id + revision, any supported family), local (a model folder on this machine: model.path) or a shape profile (random weights with a real model's exact
-    sizes, for benchmarks): phi-3.5-mini-shape, qwen2.5-3b-shape."""
+    (repo_id + revision, any supported family), local (a model folder on this machine: model.path) or a
+    shape profile (random weights with a real model's exact sizes, for benchmarks): phi-3.5-mini-shape,
+    qwen2.5-3b-shape."""
     repo_id: str | None = None
     """Profile hub: the model's repository, e.g. Qwen/Qwen2.5-0.5B-Instruct."""
     revision: str | None = None

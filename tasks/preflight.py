@@ -73,26 +73,14 @@ def hub_config(repo_id: str, revision: str) -> dict:
     import json
 
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from tasks.base_model import hub_errors
 
     try:
-        path = hf_hub_download(repo_id, "config.json", revision=revision)
-    except GatedRepoError:
-        raise PipelineError(f"{repo_id} is gated; accept its license on huggingface.co and export HF_TOKEN with "
-                            "read access") from None
-    except RevisionNotFoundError:
-        raise PipelineError(f"{repo_id} has no commit {revision}; pin a commit from the model's history") from None
-    except RepositoryNotFoundError:
-        raise PipelineError(f"{repo_id} not found on the Hub (or private); check model.repo_id, or export HF_TOKEN "
-                            "if it is private") from None
-    except LocalEntryNotFoundError:
-        raise PipelineError(
-            f"{repo_id}@{revision[:12]} is not in the local HF cache and the Hub cannot be reached "
-            "(HF_HUB_OFFLINE set or no network); run once with network access or point HF_HOME at a cache that has it"
-        ) from None
-    except EntryNotFoundError:
+        with hub_errors(repo_id, revision):
+            path = hf_hub_download(repo_id, "config.json", revision=revision)
+    except EntryNotFoundError:  # the repository and commit exist, the file does not
         raise PipelineError(f"{repo_id}@{revision[:12]} has no config.json; it is not a transformers model") from None
     try:
         return json.loads(open(path, encoding="utf-8").read())
