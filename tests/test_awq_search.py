@@ -7,7 +7,7 @@ import torch
 
 from tasks.awq_search import identical_codes
 from tasks.config import QuantizeSection
-from tasks.quantize import quant_config, quantizer_class, read_calibration
+from tasks.quantize import half_matmuls_in_float32_on_cpu, quant_config, quantizer_class, read_calibration
 
 from conftest import REPO, doit
 
@@ -35,19 +35,20 @@ def quantizer(base: Path, search: str):
 def layer0(built_project):
     base = built_project / "build/tiny/base"
     out = {}
-    for search in ("autoawq", "fast"):
-        q = quantizer(base, search)
-        layer = q.modules[0]
-        from awq.utils.module import get_named_linears
+    with half_matmuls_in_float32_on_cpu():  # as the stage runs both searches
+        for search in ("autoawq", "fast"):
+            q = quantizer(base, search)
+            layer = q.modules[0]
+            from awq.utils.module import get_named_linears
 
-        linears = get_named_linears(layer)
-        # What AwqQuantizer.quantize() prepares before a layer's searches (transformers >= 4.48).
-        q.module_kwargs["position_embeddings"] = q.model.model.rotary_emb(q.inps, q.module_kwargs["position_ids"])
-        q.module_kwargs.setdefault("attention_mask", None)
-        feats = q._get_input_feat(layer, linears)
-        groups = q.awq_model.get_layers_for_scaling(layer, feats, q.module_kwargs)
-        out[search] = {"q": q, "linears": linears, "feats": feats,
-                       "scales": [q._search_best_scale(layer, **g)[2] for g in groups]}
+            linears = get_named_linears(layer)
+            # What AwqQuantizer.quantize() prepares before a layer's searches (transformers >= 4.48).
+            q.module_kwargs["position_embeddings"] = q.model.model.rotary_emb(q.inps, q.module_kwargs["position_ids"])
+            q.module_kwargs.setdefault("attention_mask", None)
+            feats = q._get_input_feat(layer, linears)
+            groups = q.awq_model.get_layers_for_scaling(layer, feats, q.module_kwargs)
+            out[search] = {"q": q, "linears": linears, "feats": feats,
+                           "scales": [q._search_best_scale(layer, **g)[2] for g in groups]}
     return out
 
 
