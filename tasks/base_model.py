@@ -18,13 +18,39 @@ from tasks.errors import PipelineError
 from tasks.families import FAMILIES, Family
 from tasks.manifest import clone_file
 from tasks.model_files import model_files, patterns as model_patterns
+from tasks import disk
+from tasks.stage_spec import Stage
 
 log = logging.getLogger(__name__)
 
 
 
+def base_files(cfg) -> list[str]:
+    """The stage's input files: the tokenizer corpus of a locally built model, or every file of a local
+    model folder (a Hub model is pinned by its commit instead)."""
+    if cfg.model.hub_source:
+        return []
+    if cfg.model.profile != "local":
+        return [cfg.model.tiny.tokenizer_corpus]
+    folder = Path(cfg.model.path)
+    return [str(folder / p.relative_to(folder)) for p in model_files(folder, cfg.model.trust_remote_code)]
+
+
+def disk_need(cfg, paths) -> int | None:
+    if cfg.model.profile == "local":
+        return sum(paths.data(f).stat().st_size for f in base_files(cfg)) + disk.SLACK
+    # A Hub model goes to the HF cache and is copied; its size is known only to the Hub.
+    return None if cfg.model.hub_source else disk.random_model_bytes(cfg) + disk.SLACK
+
+
+STAGE = Stage(
+    "base", "base model: random-init model built locally (tiny or a real shape), a Hub model at a pinned commit, "
+    "or a local model folder",
+    upstream=(), keys=("model",), entry="tasks.base_model:run", files=base_files, disk=disk_need,
+)
+
 def run(cfg, paths, out: Path) -> dict:
-    """The stage's entry (tasks/stages.py): config and paths onto ``build``."""
+    """The stage's entry (STAGE above): config and paths onto ``build``."""
     return build(cfg.model, paths.root, out)
 
 

@@ -38,17 +38,8 @@ def random_model_bytes(cfg: PipelineConfig) -> int:
     return 2 * (2 * v * h + n * per_layer + h)
 
 
-# What each stage may write into the build folder, declared by its spec in tasks/stages.py; None when it
-# cannot be known beforehand.
-
-def need_base(cfg: PipelineConfig, paths: Paths) -> int | None:
-    if cfg.model.profile == "local":
-        from tasks.stages import base_files
-
-        return sum(paths.data(f).stat().st_size for f in base_files(cfg)) + SLACK
-    # A Hub model goes to the HF cache and is copied; its size is known only to the Hub.
-    return None if cfg.model.hub_source else random_model_bytes(cfg) + SLACK
-
+# What a stage may write into the build folder, named by its spec (STAGE in its module; the base stage's
+# own is there); None when it cannot be known beforehand.
 
 def need_quantize(cfg: PipelineConfig, paths: Paths) -> int | None:
     return _published_bytes(paths.stage("base")) + SLACK  # int4 + fp16 embeddings < the bf16 base
@@ -72,7 +63,7 @@ def need_evaluate(cfg: PipelineConfig, paths: Paths) -> int | None:
 
 
 def check_free_space(stage, cfg: PipelineConfig, paths: Paths) -> int | None:
-    """Refuse to start ``stage`` (a tasks.stages.Stage) unless its declared disk need is free."""
+    """Refuse to start ``stage`` (a tasks.stage_spec.Stage) unless its declared disk need is free."""
     name = stage.name
     need = stage.disk(cfg, paths)
     if need is None:

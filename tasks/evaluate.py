@@ -23,6 +23,8 @@ from tasks.errors import PipelineError
 from tasks.manifest import MANIFEST, clone_tree
 from tasks.devices import NO_GPU, target_runs_here
 from tasks.genai import ADAPTER_SUFFIX, all_logits, open_model, stream
+from tasks import disk
+from tasks.stage_spec import Stage, runs_cuda_target
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +112,14 @@ def add_extra_adapters(out: Path, extra: dict[str, tuple[Path, Path]], section: 
     return report
 
 
+STAGE = Stage(
+    "evaluate", "package = export + report (texts, tokens/s, held-out loss with/without adapter) + model card",
+    upstream=("export", "finetune"), keys=("evaluate", "export.targets", "export.adapter_name"),
+    entry="tasks.evaluate:run", gpu=runs_cuda_target, disk=disk.need_evaluate,
+)
+
 def run(cfg, paths, out: Path) -> dict:
-    """The stage's entry (tasks/stages.py): the package, with the provenance of every stage before it
+    """The stage's entry (STAGE above): the package, with the provenance of every stage before it
     and the extra adapters of [adapters]."""
     from tasks.manifest import manifest_digest, read_manifest
     from tasks.stages import ADAPTER_PREFIX, FINETUNE_PREFIX, stages_for, upstream_closure

@@ -35,6 +35,8 @@ from tasks.config import ExportSection
 from tasks.devices import NO_GPU, target_runs_here
 from tasks.errors import PipelineError
 from tasks.genai import ADAPTER_SUFFIX
+from tasks import disk
+from tasks.stage_spec import Stage, runs_cuda_target
 
 log = logging.getLogger(__name__)
 
@@ -317,8 +319,14 @@ def build_adapter(export_dir: Path, awq_dir: Path, finetune_dir: Path, section: 
     return {"logit_check": checks}
 
 
+STAGE = Stage(
+    "export", "ONNX Runtime GenAI int4 base + switchable .onnx_adapter, logits checked",
+    upstream=("quantize", "finetune"), keys=("export",), entry="tasks.export:run", gpu=runs_cuda_target,
+    disk=disk.need_export,
+)
+
 def run(cfg, paths, out: Path) -> dict:
-    """The stage's entry (tasks/stages.py): the builder works in a scratch folder beside the staging one."""
+    """The stage's entry (STAGE above): the builder works in a scratch folder beside the staging one."""
     import shutil
 
     scratch = paths.scratch("export")

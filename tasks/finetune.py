@@ -46,6 +46,8 @@ from tasks.data import Record, Render, assistant_spans, chat_renderer, check_spe
 from tasks.errors import PipelineError
 from tasks.progress import step_progress
 from tasks.workspace_lock import die_with_parent
+from tasks import disk
+from tasks.stage_spec import Stage, on_build_device
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +123,15 @@ def _normalise_adapter_config(path: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+STAGE = Stage(
+    "finetune", "LoRA trained against the 4-bit weights (float twin of the AWQ checkpoint)",
+    upstream=("quantize",), keys=("data", "finetune", "build.device"), entry="tasks.finetune:run",
+    files=lambda cfg: [cfg.data.path], gpu=on_build_device, disk=disk.need_finetune,
+    processes=lambda cfg: cfg.finetune.processes,
+)
+
 def run(cfg, paths, out: Path, adapter: str | None = None) -> dict:
-    """The stage's entry (tasks/stages.py): the package's adapter on [data], or the extra adapter
+    """The stage's entry (STAGE above): the package's adapter on [data], or the extra adapter
     ``adapter`` on its own dataset ([adapters.<name>]), with the [finetune] settings."""
     from tasks.config import adapter_data
 

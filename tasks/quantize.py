@@ -22,6 +22,8 @@ from tasks.awq_twin import import_awq_quietly
 from tasks.config import QuantizeSection
 from tasks.devices import select_device
 from tasks.errors import PipelineError
+from tasks import disk
+from tasks.stage_spec import Stage, on_build_device
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +139,14 @@ def read_calibration(path: Path) -> list[str]:
     return lines
 
 
+STAGE = Stage(
+    "quantize", "AWQ 4-bit (zero point, GEMM) with local calibration text",
+    upstream=("base",), keys=("quantize", "build.device", "model.trust_remote_code"), entry="tasks.quantize:run",
+    files=lambda cfg: [cfg.quantize.calibration], gpu=on_build_device, disk=disk.need_quantize,
+)
+
 def run(cfg, paths, out: Path) -> dict:
-    """The stage's entry (tasks/stages.py): config and paths onto ``build``."""
+    """The stage's entry (STAGE above): config and paths onto ``build``."""
     return build(paths.stage("base"), cfg.quantize, paths.data(cfg.quantize.calibration), cfg.build.device, out,
                  cfg.model.trust_remote_code)
 

@@ -129,7 +129,7 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def _call_stage(stage, cfg: PipelineConfig, paths: Paths, out: Path) -> dict:
-    """The stage's declared entry point (tasks/stages.py), imported only now: heavy libraries load in
+    """The stage's declared entry point (its module's STAGE), imported only now: heavy libraries load in
     the stage's own process, never in doit's."""
     module, _, function = stage.entry.partition(":")
     return getattr(importlib.import_module(module), function)(cfg, paths, out, *stage.entry_args)

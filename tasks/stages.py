@@ -1,144 +1,28 @@
-"""The stage graph as data: each stage declared once (upstream stages, config keys, input files, entry
-point, GPU use, disk need, processes), and the code it depends on read off its imports.
+"""The stage graph as data: the stage modules, in build order, and the graph a config gives (two extra
+stages per extra adapter).
 
-dodo.py turns this into doit tasks; the runner, the disk and GPU checks, the Ray executor and the run
-cache read the same specs. Kept free of heavy imports (stage modules are only named, never imported
-here) so that ``doit list`` and a no-op build stay fast. Adding a stage: its module with a
-``run(cfg, paths, out)`` entry, and one ``Stage(...)`` line below.
+Each stage declares itself once, as ``STAGE`` in its own module (tasks/stage_spec.py says what a spec
+holds). Adding a stage: its module, with a ``run(cfg, paths, out)`` entry and its ``STAGE``, and one
+line in ``STAGE_MODULES`` below. The modules are named as strings and imported here by name, so that a
+stage's code (read off its import statements, tasks/stage_spec.code_of) never includes another stage's.
+Their top levels import nothing heavy: ``doit list`` and a no-op build stay fast.
 """
 
 from __future__ import annotations
 
-import functools
+import importlib
 import json
-import re
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Callable
+from dataclasses import replace
 
-from tasks import disk
 from tasks.config import PipelineConfig
-from tasks.paths import Paths
+from tasks.stage_spec import COMMON_CODE, Stage, code_of, runs_cuda_target  # noqa: F401  (the graph's vocabulary)
+from tasks import disk
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 FINETUNE_PREFIX, ADAPTER_PREFIX = "finetune_", "adapter_"
 
+STAGE_MODULES = ("tasks.base_model", "tasks.quantize", "tasks.finetune", "tasks.export", "tasks.evaluate")
 
-_FROM_MODULE = re.compile(r"^\s*from\s+(tasks(?:\.\w+)+)\s+import\b", re.MULTILINE)
-_IMPORT = re.compile(r"^\s*import\s+(tasks\.\w+)", re.MULTILINE)
-_FROM_PACKAGE = re.compile(r"^\s*from\s+tasks\s+import\s+\(?([\w\s,]+)", re.MULTILINE)
-
-
-@functools.lru_cache(maxsize=None)
-def _imports(path: Path) -> tuple[str, ...]:
-    """Project modules named by the import statements of one file (a line scan: a no-op build reads
-    these on every run, and a parse of every module would cost it a second)."""
-    text = path.read_text(encoding="utf-8")
-    found = _FROM_MODULE.findall(text) + _IMPORT.findall(text)
-    for names in _FROM_PACKAGE.findall(text):
-        found += [f"tasks.{n.strip()}" for n in names.split(",") if n.strip()]
-    return tuple(found)
-
-
-@functools.lru_cache(maxsize=None)
-def code_of(module: str) -> tuple[str, ...]:
-    """``module`` (``tasks.x``) and every project module it imports, at the top or inside a function,
-    transitively, as sorted project-relative paths: the code a stage's output depends on, read off the
-    imports so that the list cannot drift."""
-    seen: set[str] = set()
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        path = PACKAGE_ROOT / (name.replace(".", "/") + ".py")
-        if name in seen or not path.is_file():
-            continue
-        seen.add(name)
-        todo += _imports(path)
-    return tuple(sorted(n.replace(".", "/") + ".py" for n in seen))
-
-
-# Code every stage runs through (the command line and the runner, with what they import); a change
-# here reruns all stages (early cutoff stops the cascade where the bytes come out the same).
-COMMON_CODE = tuple(sorted({"tasks/__main__.py", *code_of("tasks.runner")}))
-
-
-def _never(cfg: PipelineConfig) -> bool:
-    return False
-
-
-def _on_build_device(cfg: PipelineConfig) -> bool:
-    return cfg.build.device == "cuda"
-
-
-def _runs_cuda_target(cfg: PipelineConfig) -> bool:
-    return "cuda" in cfg.export.targets
-
-
-def _one(cfg: PipelineConfig) -> int:
-    return 1
-
-
-def _training_processes(cfg: PipelineConfig) -> int:
-    return cfg.finetune.processes
-
-
-@dataclass(frozen=True)
-class Stage:
-    """Everything about one stage, declared once: doit's task (dodo.py), the runner, the disk and GPU
-    checks, the Ray executor and the run cache read this, and nothing branches on a stage's name."""
-
-    name: str
-    doc: str
-    upstream: tuple[str, ...]
-    keys: tuple[str, ...]
-    """Config sections (``finetune``) or single keys (``build.device``) the stage reads."""
-    entry: str
-    """``module:function`` called as function(cfg, paths, out, *entry_args) in the stage's own process."""
-    files: Callable[[PipelineConfig], list[str]] = lambda cfg: []
-    """Input files named by the config (dataset, corpora)."""
-    gpu: Callable[[PipelineConfig], bool] = _never
-    """Whether the stage computes on the GPU for this config (it then holds a build.gpu_slots slot)."""
-    disk: Callable[[PipelineConfig, Paths], int | None] = lambda cfg, paths: None
-    """Upper bound of the bytes it writes into the build folder (checked before it starts)."""
-    processes: Callable[[PipelineConfig], int] = _one
-    """Processes it runs (each gets executor.cpus_per_stage, or a GPU, on a Ray cluster)."""
-    entry_args: tuple = ()
-
-    @property
-    def code(self) -> tuple[str, ...]:
-        """The stage's own code: its entry module and what that imports, less the common code."""
-        return tuple(p for p in code_of(self.entry.partition(":")[0]) if p not in COMMON_CODE)
-
-
-def base_files(cfg: PipelineConfig) -> list[str]:
-    """The base stage's input files: the tokenizer corpus of a locally built model, or every file of a
-    local model folder (a Hub model is pinned by its commit instead)."""
-    if cfg.model.hub_source:
-        return []
-    if cfg.model.profile != "local":
-        return [cfg.model.tiny.tokenizer_corpus]
-    from tasks.model_files import model_files
-
-    folder = Path(cfg.model.path)
-    return [str(folder / p.relative_to(folder)) for p in model_files(folder, cfg.model.trust_remote_code)]
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage("base", "base model: random-init model built locally (tiny or a real shape), a Hub model at a pinned "
-          "commit, or a local model folder",
-          (), ("model",), "tasks.base_model:run", base_files, disk=disk.need_base),
-    Stage("quantize", "AWQ 4-bit (zero point, GEMM) with local calibration text",
-          ("base",), ("quantize", "build.device", "model.trust_remote_code"), "tasks.quantize:run",
-          lambda cfg: [cfg.quantize.calibration], _on_build_device, disk.need_quantize),
-    Stage("finetune", "LoRA trained against the 4-bit weights (float twin of the AWQ checkpoint)",
-          ("quantize",), ("data", "finetune", "build.device"), "tasks.finetune:run",
-          lambda cfg: [cfg.data.path], _on_build_device, disk.need_finetune, _training_processes),
-    Stage("export", "ONNX Runtime GenAI int4 base + switchable .onnx_adapter, logits checked",
-          ("quantize", "finetune"), ("export",), "tasks.export:run", gpu=_runs_cuda_target, disk=disk.need_export),
-    Stage("evaluate", "package = export + report (texts, tokens/s, held-out loss with/without adapter) + model card",
-          ("export", "finetune"), ("evaluate", "export.targets", "export.adapter_name"), "tasks.evaluate:run",
-          gpu=_runs_cuda_target, disk=disk.need_evaluate),
-)
+STAGES: tuple[Stage, ...] = tuple(importlib.import_module(module).STAGE for module in STAGE_MODULES)
 BY_NAME = {s.name: s for s in STAGES}
 
 
@@ -153,7 +37,7 @@ def adapter_stages(name: str) -> tuple[Stage, Stage]:
                 files=lambda cfg: [cfg.adapters[name].path], entry_args=(name,)),
         Stage(f"{ADAPTER_PREFIX}{name}", f"'{name}'.onnx_adapter for the exported base, logits checked",
               ("export", f"{FINETUNE_PREFIX}{name}"), ("export",), "tasks.export:run_adapter",
-              gpu=_runs_cuda_target, disk=disk.need_adapter, entry_args=(name,)),
+              gpu=runs_cuda_target, disk=disk.need_adapter, entry_args=(name,)),
     )
 
 

@@ -1,13 +1,12 @@
-"""The stage specs (tasks/stages.py): declared once, read by everything, code read off the imports."""
+"""The stage specs: each declared once in its own module, read by everything, code read off the imports."""
 
 import ast
 
-from tasks.stages import COMMON_CODE, STAGES, code_of, stages_for
+from tasks.stages import COMMON_CODE, STAGE_MODULES, STAGES, code_of, stages_for
 from tasks.config import load_config
 
 from conftest import REPO
 
-STAGE_MODULES = {s.entry.partition(":")[0] for s in STAGES}
 
 
 def test_a_stage_depends_on_exactly_the_code_its_entry_imports():
@@ -21,13 +20,23 @@ def test_a_stage_depends_on_exactly_the_code_its_entry_imports():
 
 
 def test_no_module_of_the_project_branches_on_a_stage_name():
-    """Runner, disk, GPU slots, Ray executor and run cache read the specs; only tasks/stages.py names stages."""
+    """Runner, disk, GPU slots, Ray executor and run cache read the specs; only a stage's module names it."""
     for module in ("runner", "disk", "gpu_slots", "ray_executor", "run_cache"):
         tree = ast.parse((REPO / "tasks" / f"{module}.py").read_text())
         compared = [node for node in ast.walk(tree) if isinstance(node, ast.Compare)
                     and any(isinstance(c, ast.Constant) and c.value in {s.name for s in STAGES}
                             for c in [node.left, *node.comparators])]
         assert compared == [], f"tasks/{module}.py compares with a stage name at line {compared[0].lineno}"
+
+
+def test_each_stage_is_declared_in_its_own_module_and_listed_once():
+    """Adding a stage is its module (entry and STAGE) plus one line in STAGE_MODULES."""
+    import importlib
+
+    assert [s.entry.partition(":")[0] for s in STAGES] == list(STAGE_MODULES)
+    for module in STAGE_MODULES:
+        assert importlib.import_module(module).STAGE in STAGES
+    assert len({s.name for s in STAGES}) == len(STAGES)
 
 
 def test_every_stage_entry_exists_and_an_adapter_stage_reuses_its_core_stages_spec():
