@@ -25,7 +25,7 @@ from tasks.doit_uptodate import ConfigKeys
 from tasks.errors import PipelineError
 from tasks.manifest import manifest_problem, remove_stage_output
 from tasks.ownership import claim
-from tasks.paths import Paths
+from tasks.paths import ENV_BUILD_LOCK_HELD, ENV_GPUS, ENV_IMAGE_VARIANT, LOGS_FOLDER, Paths, image_id_file
 from tasks.secrets import redact
 from tasks.stages import COMMON_CODE, config_fingerprint, stages_for
 from tasks.workspace_lock import READ_ONLY_COMMANDS, doit_command, hold_build_lock
@@ -61,7 +61,7 @@ DOIT_CONFIG = {
     "default_tasks": [s.name for s in STAGES],
     "verbosity": 2,
     "action_string_formatting": "new",
-    "reporter": reporter_for(f"{os.path.relpath(PATHS.build / 'logs', ROOT)}/", os.path.relpath(PATHS.stage("evaluate"), ROOT),
+    "reporter": reporter_for(f"{os.path.relpath(PATHS.build / LOGS_FOLDER, ROOT)}/", os.path.relpath(PATHS.stage("evaluate"), ROOT),
                              tuple(s.name for s in STAGES)),
 }
 if CFG.executor.kind == "ray":
@@ -213,8 +213,8 @@ def task_fetch_package():
 
 # --- the toolchain image (docker/Dockerfile); never part of the default build --------------------
 # `image_variant` has no dot on purpose: dotted command-line names are config overrides.
-IMAGE_VARIANT = get_var("image_variant", os.environ.get("PIPELINE_IMAGE_VARIANT", "cuda"))
-IMAGE_ID_FILE = f"build/image/runtime-{IMAGE_VARIANT}.id"
+IMAGE_VARIANT = get_var("image_variant", os.environ.get(ENV_IMAGE_VARIANT, "cuda"))
+IMAGE_ID_FILE = str(image_id_file("runtime", IMAGE_VARIANT))
 IMAGE_CMD = [sys.executable, "-m", "tasks.image"]
 
 
@@ -234,9 +234,9 @@ def task_incontainer():
     """Run the pipeline inside the image: `doit incontainer [STAGE ...]` (config overrides pass through)."""
     def command(stages):
         inner = ["doit"] + ([f"config={CONFIG}"] if CONFIG != "pipeline.toml" else []) + list(OVERRIDES) + list(stages)
-        gpus = os.environ.get("PIPELINE_GPUS", "auto")
+        gpus = os.environ.get(ENV_GPUS, "auto")
         # This doit holds the build folder's lock; the one in the container works under it.
-        return "PIPELINE_BUILD_LOCK_HELD=1 " + shlex.join(
+        return f"{ENV_BUILD_LOCK_HELD}=1 " + shlex.join(
             IMAGE_CMD + ["run", "--iidfile", IMAGE_ID_FILE, "--gpus", gpus, "--"] + inner)
 
     return {

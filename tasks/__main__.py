@@ -14,6 +14,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tasks.errors import PipelineError
+from tasks.paths import FETCHED_FOLDER
 from tasks.secrets import redact
 
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 return publish.main_publish(paths, cfg)
             if args.command == "versions":
                 return publish.main_versions(cfg)
-            dest = args.to or root / "fetched" / f"{cfg.publish.name.replace('/', '--')}-{args.version}"
+            dest = args.to or root / FETCHED_FOLDER / f"{cfg.publish.name.replace('/', '--')}-{args.version}"
             return publish.main_fetch(cfg, args.version, dest)
         if args.command == "matrix-report":
             from tasks.matrix import write_comparison

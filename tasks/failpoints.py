@@ -28,8 +28,10 @@ import json
 import os
 import time
 
-ENV = "PIPELINE_FAILPOINT"
-FILE_ENV = "PIPELINE_FAILPOINT_FILE"
+from tasks.paths import ENV_FAILPOINT, ENV_FAILPOINT_FILE
+
+ENV = ENV_FAILPOINT
+FILE_ENV = ENV_FAILPOINT_FILE
 NAMES = ("manifest.written", "publish.swap", "cache.restore", "cache.store")
 SLEEP_S = 300.0  # long enough for any trial to kill the process; a forgotten one ends by itself
 

@@ -19,12 +19,14 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from tasks.paths import ENV_GPU_LOCK_DIR
+
 
 log = logging.getLogger("tasks.gpu")
 
 
 def lock_dir() -> Path:
-    explicit = os.environ.get("PIPELINE_GPU_LOCK_DIR")
+    explicit = os.environ.get(ENV_GPU_LOCK_DIR)
     return Path(explicit) if explicit else Path.home() / ".cache" / "ondevice-llm-build" / "gpu-slots"
 
 

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
+from tasks.paths import (ENV_BUILD_LOCK_HELD, ENV_DOCKER, ENV_DOCKER_NETWORK, ENV_EXTRA_CA, ENV_IMAGE_BASE, ENV_IMAGE_ID,
+                         ENV_IMAGE_VARIANT, IMAGE_FOLDER, image_id_file)
 from tasks.errors import PipelineError
 
 DOCKERFILE = Path("docker/Dockerfile")
@@ -47,13 +49,13 @@ HF_CACHE = "/cache/huggingface"    # HF_HOME inside the image
 # Passed through to the container by name (`-e NAME`), so values never appear on a command line.
 # PIPELINE_BUILD_LOCK_HELD: `doit incontainer` already holds the build folder's lock on the host
 # (tasks/workspace_lock.py); the doit inside the container must not wait for it.
-PASSTHROUGH_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES", "PIPELINE_BUILD_LOCK_HELD",
+PASSTHROUGH_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES", ENV_BUILD_LOCK_HELD,
                    # `doit incontainer publish`: the registry and its credentials, by name only
                    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def default_iidfile(target: str = "runtime", variant: str = "cuda") -> Path:
-    return Path("build") / "image" / f"{target}-{variant}.id"
+    return image_id_file(target, variant)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -62,10 +64,10 @@ def default_iidfile(target: str = "runtime", variant: str = "cuda") -> Path:
 
 def docker_cli() -> str:
     """The docker client: $PIPELINE_DOCKER, else Debian's /usr/bin/docker, else `docker` on PATH."""
-    explicit = os.environ.get("PIPELINE_DOCKER")
+    explicit = os.environ.get(ENV_DOCKER)
     if explicit:
         if not (shutil.which(explicit) or Path(explicit).is_file()):
-            raise PipelineError(f"PIPELINE_DOCKER={explicit} is not an executable docker client")
+            raise PipelineError(f"{ENV_DOCKER}={explicit} is not an executable docker client")
         return explicit
     if Path("/usr/bin/docker").is_file():
         return "/usr/bin/docker"
@@ -161,7 +163,7 @@ def gpu_flags(gpus: str, cli: str | None = None) -> list[str]:
 
 
 def _network_flags(network: str | None) -> list[str]:
-    network = network if network is not None else os.environ.get("PIPELINE_DOCKER_NETWORK", "")
+    network = network if network is not None else os.environ.get(ENV_DOCKER_NETWORK, "")
     return ["--network", network] if network else []
 
 
@@ -276,13 +278,13 @@ def build_image(root: str | os.PathLike, target: str = "runtime", base: str | No
         raise PipelineError(f"variant={variant!r}: expected one of {', '.join(VARIANTS)}")
     if not (root / DOCKERFILE).is_file():
         raise PipelineError(f"{root / DOCKERFILE} not found: is {root} the project root?")
-    extra_ca = extra_ca if extra_ca is not None else os.environ.get("PIPELINE_EXTRA_CA") or None
+    extra_ca = extra_ca if extra_ca is not None else os.environ.get(ENV_EXTRA_CA) or None
     if install_extra_ca and not extra_ca:
         raise PipelineError("install_extra_ca needs an extra CA file (--extra-ca FILE or PIPELINE_EXTRA_CA)")
     cli = docker_cli()
     daemon_version(cli)
 
-    iid_tmp = root / "build" / "image" / f".iid.{os.getpid()}.tmp"
+    iid_tmp = root / IMAGE_FOLDER / f".iid.{os.getpid()}.tmp"
     iid_tmp.parent.mkdir(parents=True, exist_ok=True)
     args = {"VARIANT": variant, **provenance(root, source_date_epoch, revision), **(build_args or {})}
     if base:
@@ -364,7 +366,7 @@ def run_command(root: str | os.PathLike, image_id: str, argv: Sequence[str], gpu
         if name in os.environ:
             cmd += ["--env", name]             # by name: the value stays out of argv and `ps`
     # The image id travels in so that each stage built inside records it (tasks/provenance.py).
-    for key, value in {"PIPELINE_IMAGE_ID": image_id, **(env or {})}.items():
+    for key, value in {ENV_IMAGE_ID: image_id, **(env or {})}.items():
         cmd += ["--env", f"{key}={value}"]
     cmd += _network_flags(network) + gpu_flags(gpus, cli)
     if sys.stdin.isatty() and sys.stdout.isatty():
@@ -403,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="build docker/Dockerfile and record the image id")
     b.add_argument("--root", default=".")
     b.add_argument("--target", choices=TARGETS[:2], default="runtime")
-    b.add_argument("--variant", choices=VARIANTS, default=os.environ.get("PIPELINE_IMAGE_VARIANT", "cuda"))
-    b.add_argument("--base", default=os.environ.get("PIPELINE_IMAGE_BASE") or None,
+    b.add_argument("--variant", choices=VARIANTS, default=os.environ.get(ENV_IMAGE_VARIANT, "cuda"))
+    b.add_argument("--base", default=os.environ.get(ENV_IMAGE_BASE) or None,
                    help="BASE_IMAGE build argument (default: the Dockerfile's pinned CUDA image)")
     b.add_argument("--extra-ca", default=None, help="PEM CA file for a TLS-intercepting proxy (default $PIPELINE_EXTRA_CA)")
     b.add_argument("--install-extra-ca", action="store_true", help="also install the extra CA into the image")

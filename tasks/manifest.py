@@ -23,9 +23,8 @@ from typing import Any, Iterator
 
 from tasks.errors import PipelineError
 from tasks.failpoints import failpoint
-from tasks.paths import STAGING_FOLDER
+from tasks.paths import MANIFEST, STAGING_FOLDER  # noqa: F401  (MANIFEST: importers read it here too)
 
-MANIFEST = "MANIFEST.json"
 # Versions recorded in every manifest: the libraries whose code decides a stage's bytes.
 RECORDED_PACKAGES = (
     "torch", "transformers", "tokenizers", "peft", "autoawq", "safetensors", "onnx",

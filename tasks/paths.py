@@ -13,6 +13,35 @@ PACKAGE_FOLDER = "package"     # the evaluate stage's output: the finished, ship
 STAGING_FOLDER = ".staging"    # where a running stage writes before its output is published
 LOGS_FOLDER = "logs"
 DOIT_DB = ".doit.sqlite3"
+MANIFEST = "MANIFEST.json"     # in every stage output: the file table; doit's target
+FETCHED_FOLDER = "fetched"     # `python -m tasks fetch` without --to, under the project folder
+# Toolchain image ids, under the project folder and not build.dir: one image serves every config.
+IMAGE_FOLDER = Path("build") / "image"
+
+# Environment variables the project reads or sets (a library's own, HF_HUB_OFFLINE say, are named
+# where that library is called).
+ENV_DOCKER = "PIPELINE_DOCKER"                      # the docker client to use
+ENV_DOCKER_NETWORK = "PIPELINE_DOCKER_NETWORK"      # e.g. host, for image builds and runs
+ENV_EXTRA_CA = "PIPELINE_EXTRA_CA"                  # a PEM CA for a TLS-intercepting proxy
+ENV_IMAGE_BASE = "PIPELINE_IMAGE_BASE"              # the image's base (a local one, say)
+ENV_IMAGE_VARIANT = "PIPELINE_IMAGE_VARIANT"        # cuda | cpu
+ENV_IMAGE_ID = "PIPELINE_IMAGE_ID"                  # set inside the container: provenance records it
+ENV_GPUS = "PIPELINE_GPUS"                          # `doit incontainer`: the GPUs handed in
+ENV_BUILD_LOCK_HELD = "PIPELINE_BUILD_LOCK_HELD"    # the caller holds the workspace lock (incontainer)
+ENV_GPU_LOCK_DIR = "PIPELINE_GPU_LOCK_DIR"          # the GPU slots' lock files, shared by all builds
+ENV_RAY_NODE = "PIPELINE_RAY_NODE"                  # set on a Ray worker: provenance records the node
+ENV_FAILPOINT = "PIPELINE_FAILPOINT"                # fault trials: stop at this failpoint
+ENV_FAILPOINT_FILE = "PIPELINE_FAILPOINT_FILE"      # fault trials: the marker file to write there
+
+
+def stage_folder(name: str) -> str:
+    """A stage's output folder under build.dir: its name; the evaluate stage's is the package."""
+    return PACKAGE_FOLDER if name == "evaluate" else name
+
+
+def image_id_file(target: str = "runtime", variant: str = "cuda") -> Path:
+    """Where ``python -m tasks.image build`` records an image's id (relative to the project folder)."""
+    return IMAGE_FOLDER / f"{target}-{variant}.id"
 
 
 @dataclass(frozen=True)
@@ -26,11 +55,10 @@ class Paths:
         return cls(root=root, build=(root / cfg.build.dir).resolve())
 
     def stage(self, name: str) -> Path:
-        # The evaluate stage's output is the finished, shippable package.
-        return self.build / (PACKAGE_FOLDER if name == "evaluate" else name)
+        return self.build / stage_folder(name)
 
     def manifest(self, name: str) -> Path:
-        return self.stage(name) / "MANIFEST.json"
+        return self.stage(name) / MANIFEST
 
     def log(self, name: str) -> Path:
         return self.build / LOGS_FOLDER / f"{name}.log"

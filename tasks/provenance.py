@@ -16,12 +16,12 @@ from importlib import metadata
 from pathlib import Path
 
 from tasks.manifest import sha256_file
-from tasks.paths import Paths
+from tasks.paths import ENV_IMAGE_ID, ENV_RAY_NODE, Paths
 
 # Set by `python -m tasks.image run` (and so by `doit incontainer`) inside the container.
-IMAGE_ID_ENV = "PIPELINE_IMAGE_ID"
+IMAGE_ID_ENV = ENV_IMAGE_ID
 # Set by the Ray executor's task for the stage process it starts on a node (tasks/ray_executor.py).
-NODE_ENV = "PIPELINE_RAY_NODE"
+NODE_ENV = ENV_RAY_NODE
 
 
 def lock_variant() -> str:

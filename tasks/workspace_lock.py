@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from tasks.errors import PipelineError
-from tasks.paths import STAGING_FOLDER
+from tasks.paths import ENV_BUILD_LOCK_HELD, STAGING_FOLDER
 
 READ_ONLY_COMMANDS = {"list", "info", "help", "dumpdb", "tabcompletion"}
 
@@ -40,7 +40,7 @@ def doit_command(argv: list[str]) -> str:
 
 def hold_build_lock(build_dir: Path) -> IO[str] | None:
     """Take the build folder's lock or raise PipelineError naming the process that has it."""
-    if os.environ.get("PIPELINE_BUILD_LOCK_HELD") == "1":
+    if os.environ.get(ENV_BUILD_LOCK_HELD) == "1":
         return None
     try:
         build_dir.mkdir(parents=True, exist_ok=True)

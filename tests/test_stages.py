@@ -55,3 +55,18 @@ def test_every_stage_entry_exists_and_an_adapter_stage_reuses_its_core_stages_sp
 def test_code_of_follows_imports_inside_functions_too():
     assert "tasks/devices.py" in code_of("tasks.finetune")  # imported inside train()
     assert not {"tasks/finetune.py", "tasks/export.py"} & set(code_of("tasks.quantize"))
+
+
+def test_file_folder_and_environment_names_are_spelled_only_in_tasks_paths():
+    """The build's own names (the manifest, the staging folder, doit's database, PIPELINE_* variables)
+    are constants of tasks/paths.py; everything else imports them."""
+    import re
+
+    own = {"MANIFEST.json", ".staging", ".doit.sqlite3", "fetched"}
+    files = [p for p in (REPO / "tasks").glob("*.py") if p.name != "paths.py"]
+    files += [REPO / "dodo.py", *(REPO / "tools").glob("*.py"), *(REPO / "bench").glob("*.py")]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                assert node.value not in own and not re.fullmatch(r"PIPELINE_[A-Z_]+", node.value), \
+                    f"{path.relative_to(REPO)}:{node.lineno} spells {node.value!r}; import it from tasks/paths.py"

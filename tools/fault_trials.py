@@ -66,7 +66,7 @@ from tasks.failpoints import ENV as FAILPOINT_ENV, FILE_ENV as FAILPOINT_FILE_EN
 from tasks.manifest import MANIFEST, DamagedManifest, file_table, read_manifest, sha256_file  # noqa: E402
 from tasks.ownership import CACHE_LEFTOVER  # noqa: E402
 from tools.harness import make_project  # noqa: E402
-from tasks.paths import Paths  # noqa: E402
+from tasks.paths import STAGING_FOLDER, Paths  # noqa: E402
 from tasks.run_cache import RunCache  # noqa: E402
 from tasks.stages import STAGES  # noqa: E402
 from tasks.verify import find_damage  # noqa: E402
@@ -191,7 +191,7 @@ def outside_snapshot(project: Path, sibling: Path) -> dict[str, list]:
 
 
 def staging_contents(project: Path) -> list[str]:
-    staging = project / BUILD / ".staging"
+    staging = project / BUILD / STAGING_FOLDER
     return sorted(f"{p.name} ({sum(1 for f in p.rglob('*') if f.is_file())} files)" if p.is_dir() else p.name
                   for p in staging.iterdir()) if staging.is_dir() else []
 
@@ -286,7 +286,7 @@ class Trials:
         verify = run(project, "-m", "tasks", "verify", check=False)
         if verify.returncode:
             problems.append(f"verify failed: {(verify.stdout + verify.stderr).strip()[-300:]}")
-        leftovers = [p.name for p in (project / BUILD / ".staging").glob("*")]
+        leftovers = [p.name for p in (project / BUILD / STAGING_FOLDER).glob("*")]
         if leftovers:
             problems.append(f"staging leftovers: {leftovers}")
         problems += [f"bytes changed: {k}" for k in same_bytes(self.original, snapshot(project))]

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from tasks.manifest import sha256_file
-from tasks.paths import PACKAGE_FOLDER
+from tasks.paths import MANIFEST, stage_folder
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("dodo.py", "pipeline.toml", "pyproject.toml", "tasks", "data", "requirements")
@@ -49,13 +49,12 @@ def executed(result: subprocess.CompletedProcess) -> list[str]:
 
 
 def manifest(project: Path, stage: str, build_dir: str = "build/tiny") -> dict:
-    folder = PACKAGE_FOLDER if stage == "evaluate" else stage
-    return json.loads((project / build_dir / folder / "MANIFEST.json").read_text())
+    return json.loads((project / build_dir / stage_folder(stage) / MANIFEST).read_text())
 
 
 def manifest_digests(project: Path, build_dir: str = "build/tiny") -> dict[str, str]:
     """sha256 of every stage's MANIFEST.json: equal before and after means nothing was rebuilt or lost."""
-    return {s: sha256_file(project / build_dir / (PACKAGE_FOLDER if s == "evaluate" else s) / "MANIFEST.json")
+    return {s: sha256_file(project / build_dir / stage_folder(s) / MANIFEST)
             for s in STAGES}
 
 
@@ -69,7 +68,7 @@ def make_hub_cache(model_dir: Path, hf_home: Path, repo_id: str, revision: str) 
     snapshot = repo / "snapshots" / revision
     snapshot.mkdir(parents=True)
     for path in sorted(model_dir.iterdir()):
-        if path.name == "MANIFEST.json" or not path.is_file():
+        if path.name == MANIFEST or not path.is_file():
             continue
         data = path.read_bytes()
         blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
