@@ -34,7 +34,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-STAGE_ORDER = ("base", "quantize", "finetune", "export", "evaluate")
+from tasks.stages import STAGES  # noqa: E402
+
+STAGE_ORDER = tuple(s.name for s in STAGES)
 PROMPT_TOKENS, NEW_TOKENS = 128, 256
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from tasks.manifest import sha256_file
 from tasks.paths import MANIFEST, stage_folder
+from tasks.stages import STAGES as STAGE_SPECS
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("dodo.py", "pipeline.toml", "pyproject.toml", "tasks", "data", "requirements")
-STAGES = ("base", "quantize", "finetune", "export", "evaluate")
+STAGES = tuple(s.name for s in STAGE_SPECS)  # the core stages, in build order
 LAB_DATA = REPO.parent / "shared" / "data" / "data_sample_travel.jsonl"
 
 
