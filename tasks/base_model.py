@@ -49,6 +49,7 @@ STAGE = Stage(
     upstream=(), keys=("model",), entry="tasks.base_model:run", files=base_files, disk=disk_need,
 )
 
+
 def run(cfg, paths, out: Path) -> dict:
     """The stage's entry (STAGE above): config and paths onto ``build``."""
     return build(cfg.model, paths.root, out)

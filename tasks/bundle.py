@@ -54,7 +54,7 @@ def check_publishable(paths: Paths, cfg: PipelineConfig) -> dict[str, str]:
             if digests.get(up) != digest:
                 raise PipelineError(f"the {stage.name} output was built from an earlier {up} output; run `doit` to "
                                     "bring the package up to date, then publish")
-        change = _first_difference(built.get("config", {}), config_values(cfg, stage.keys))
+        change = _first_difference(built.get("config", {}), config_values(cfg, stage.keys_for(cfg)))
         if change:
             raise PipelineError(f"the package does not match the config ({change}); run `doit` to rebuild it, "
                                 "or publish with the config it was built with")

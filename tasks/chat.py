@@ -85,5 +85,16 @@ def chat(package: Path, adapter: str | None, prompt: str | None, max_new_tokens:
             break
         if not question:
             break
-        answer(question)
+        try:
+            answer(question)
+        except PipelineError as exc:  # the prompt does not fit the package's context (export.max_context)
+            if not history:
+                print(f"error: {exc}", file=sys.stderr)
+                continue
+            print("(the conversation no longer fits this package's context: starting a new one)", file=sys.stderr)
+            history.clear()
+            try:
+                answer(question)
+            except PipelineError as again:
+                print(f"error: {again}", file=sys.stderr)
     return 0

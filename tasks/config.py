@@ -41,6 +41,11 @@ SHAPE_PROFILES: dict[str, dict[str, Any]] = {
         "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
         "num_attention_heads": 32, "vocab_size": 32064,
     },
+    # Qwen/Qwen2.5-0.5B-Instruct's config.json: about 0.5B parameters, the on-device size.
+    "qwen2.5-0.5b-shape": {
+        "family": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+    },
     # Qwen/Qwen2.5-3B-Instruct's config.json: GQA with 2 KV heads, qkv biases, tied embeddings.
     "qwen2.5-3b-shape": {
         "family": "qwen2", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
@@ -341,6 +346,16 @@ class ExportSection(Section):
     an H100 (BENCHMARKS.md), the tiny model 1.5e-3; a broken export is off by whole logits."""
     cuda_min_cosine: Float = Field(0.999, gt=0, le=1)
     """The same bound for the cuda target."""
+    adapter_mode: Literal["switchable", "merged"] = "switchable"
+    """"switchable": the int4 base plus LoRA branches whose weights are graph inputs, and the adapter as
+    an .onnx_adapter file (on and off at run time, more adapters by name). "merged": the adapter folded
+    into the model and quantized again with the same AWQ settings; a plain graph that decodes as fast as
+    the builder's own, no adapter file, and the held-out loss with and without merging in the report."""
+    max_context: Annotated[Int, at_most(MAX_CONTEXT, CONTEXT_WHY)] | None = Field(None, ge=16)
+    """Tokens of context (prompt + generated) the package supports; unset: the model's own. Within the
+    model's original context (Phi-3's longrope: original_max_position_embeddings) the graph's switch
+    between short and long rotary caches is replaced by the short caches, and the cuda target turns on
+    onnxruntime-genai's CUDA graph. genai_config.json and the model card state the limit."""
 
     @field_validator("targets")
     @classmethod
@@ -565,6 +580,9 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _primary_adapter_not_repeated(self) -> "PipelineConfig":
+        if self.adapters and self.export.adapter_mode == "merged":
+            raise ValueError(f"export.adapter_mode = \"merged\" folds one adapter into the model; [adapters] "
+                             f"({', '.join(sorted(self.adapters))}) need adapter_mode = \"switchable\"")
         if self.export.adapter_name in self.adapters:
             raise ValueError(f"adapters.{self.export.adapter_name} repeats export.adapter_name, the adapter trained "
                              "on [data]; give it another name")
@@ -673,5 +691,6 @@ def load_config(path: str | Path = "pipeline.toml", overrides: list[str] | tuple
     except ValidationError as exc:
         where = ".".join(str(p) for p in exc.errors()[0]["loc"])
         blamed = [text for key, text in given.items() if where == key or where.startswith(key + ".")]
-        source = f"command line ({blamed[0].partition('=')[0]}=...)" if blamed else str(path)
+        # one line, whatever was typed
+        source = f"command line ({' '.join(blamed[0].partition('=')[0].split())}=...)" if blamed else str(path)
         raise PipelineError(_describe(exc, source)) from None

@@ -22,7 +22,7 @@ from tasks.data import Record, Render, full_text, genai_renderer, prompt_part, p
 from tasks.errors import PipelineError
 from tasks.manifest import MANIFEST, clone_tree
 from tasks.devices import NO_GPU, target_runs_here
-from tasks.genai import ADAPTER_SUFFIX, all_logits, open_model, stream
+from tasks.genai import ADAPTER_SUFFIX, all_logits, context_length, open_model, stream
 from tasks import disk
 from tasks.stage_spec import Stage, runs_cuda_target
 
@@ -41,6 +41,11 @@ def response_loss(model, adapters, adapter, tokenizer, render_chat: Render, reco
 
     prompt_ids = list(tokenizer.encode(prompt_text(render_chat, record)))
     ids = list(tokenizer.encode(full_text(render_chat, record)))
+    limit = context_length(model)
+    if limit is not None and len(ids) >= limit:
+        ids = ids[: limit - 1]  # the package's context (export.max_context), as finetune cuts at max_seq_len
+    if len(ids) <= len(prompt_ids):
+        return 0.0, 0  # the answer starts past the context
     logits = all_logits(model, adapters, adapter, ids)
     total = 0.0
     for pos in range(len(prompt_ids), len(ids)):
@@ -51,49 +56,62 @@ def response_loss(model, adapters, adapter, tokenizer, render_chat: Render, reco
 
 
 def evaluate_target(folder: Path, target: str, section: EvaluateSection, name: str, template: str | None,
-                    held: list[Record]) -> tuple[dict, dict]:
-    """Quality (held-out loss, generations, adapter effect) and decode speed of one target's model."""
+                    held: list[Record], merged: bool = False) -> tuple[dict, dict]:
+    """Quality (held-out loss, generations, adapter effect) and decode speed of one target's model. A
+    merged package (export.adapter_mode) is the adapted model itself: "with_adapter" only."""
     import numpy as np
     import onnxruntime_genai as og
 
-    model, adapters = open_model(folder, target, {name: folder / f"{name}{ADAPTER_SUFFIX}"})
+    model, adapters = open_model(folder, target, {} if merged else {name: folder / f"{name}{ADAPTER_SUFFIX}"})
     tokenizer = og.Tokenizer(model)
     render_chat = genai_renderer(tokenizer, template)  # the package's own chat template unless data.template
     quality: dict = {"loss": {}, "generations": []}
-    for label, adapter in (("without_adapter", None), ("with_adapter", name)):
+    runs = (("with_adapter", None),) if merged else (("without_adapter", None), ("with_adapter", name))
+    for label, adapter in runs:
         total, count = 0.0, 0
         for record in held[: section.loss_records]:
             s, n = response_loss(model, adapters, adapter, tokenizer, render_chat, record)
             total, count = total + s, count + n
+        if not count:
+            raise PipelineError(f"no held-out answer starts within the {target} package's context of "
+                                f"{context_length(model)} tokens; raise export.max_context")
         quality["loss"][label] = {"loss": round(total / count, 5), "perplexity": round(math.exp(total / count), 3),
                                   "tokens": count}
         log.info("%s: held-out loss %s: %.4f (perplexity %.2f) over %d tokens", target, label, total / count,
                  math.exp(total / count), count)
-    ids = list(tokenizer.encode(prompt_text(render_chat, held[0])))
-    max_shift = float(np.abs(all_logits(model, adapters, None, ids) - all_logits(model, adapters, name, ids)).max())
-
-    speed = {"without_adapter": [], "with_adapter": []}
+    speed: dict[str, list[float]] = {label: [] for label, _ in runs}
     for record in held[: section.prompts]:
         prompt = prompt_text(render_chat, record)
         entry = {"prompt": record.prompt, "reference": record.response}
-        for label, adapter in (("without_adapter", None), ("with_adapter", name)):
+        if len(tokenizer.encode(prompt)) >= (context_length(model) or math.inf):
+            log.warning("%s: held-out prompt at line %d is longer than the package's context; not generated",
+                        target, record.line)
+            continue
+        for label, adapter in runs:
             start = time.perf_counter()
             pieces = list(stream(model, tokenizer, adapters, adapter, prompt, section.max_new_tokens))
             elapsed = time.perf_counter() - start
             entry[label] = "".join(pieces)
             speed[label].append(len(pieces) / elapsed if elapsed > 0 else 0.0)
         quality["generations"].append(entry)
-        log.info("%s: %r\n    without adapter: %r\n    with adapter:    %r", target, record.prompt,
-                 entry["without_adapter"][:120], entry["with_adapter"][:120])
+        log.info("%s: %r%s", target, record.prompt,
+                 "".join(f"\n    {label.replace('_', ' ') + ':':17} {entry[label][:120]!r}" for label, _ in runs))
 
     # Whitespace counts, and an adapter may have learned to end its turn at once (a small model trained
     # briefly does); no token at all, with the adapter and without, for every prompt is a broken package.
-    if not any(g["with_adapter"] or g["without_adapter"] for g in quality["generations"]):
+    if not quality["generations"]:
+        raise PipelineError(f"no held-out prompt fits the {target} package's context of {context_length(model)} "
+                            "tokens; raise export.max_context")
+    if not any(g[label] for g in quality["generations"] for label, _ in runs):
         raise PipelineError(f"the {target} package generated no token for any held-out prompt; check the finetune log")
-    if max_shift < 1e-4:
-        raise PipelineError(f"the adapter has no effect on the {target} model (max logit change {max_shift:.2e}); "
-                            "check the finetune and export logs")
-    quality["max_logit_shift_from_adapter"] = round(max_shift, 4)
+    if not merged:
+        ids = list(tokenizer.encode(prompt_text(render_chat, held[0])))
+        ids = ids[: context_length(model) - 1] if context_length(model) else ids
+        max_shift = float(np.abs(all_logits(model, adapters, None, ids) - all_logits(model, adapters, name, ids)).max())
+        if max_shift < 1e-4:
+            raise PipelineError(f"the adapter has no effect on the {target} model (max logit change {max_shift:.2e}); "
+                                "check the finetune and export logs")
+        quality["max_logit_shift_from_adapter"] = round(max_shift, 4)
     return quality, {k: round(sum(v) / len(v), 1) for k, v in speed.items()}
 
 
@@ -114,9 +132,11 @@ def add_extra_adapters(out: Path, extra: dict[str, tuple[Path, Path]], section: 
 
 STAGE = Stage(
     "evaluate", "package = export + report (texts, tokens/s, held-out loss with/without adapter) + model card",
-    upstream=("export", "finetune"), keys=("evaluate", "export.targets", "export.adapter_name"),
+    upstream=("export", "finetune"),
+    keys=("evaluate", "export.targets", "export.adapter_name", "export.max_context"),
     entry="tasks.evaluate:run", gpu=runs_cuda_target, disk=disk.need_evaluate,
 )
+
 
 def run(cfg, paths, out: Path) -> dict:
     """The stage's entry (STAGE above): the package, with the provenance of every stage before it
@@ -141,14 +161,20 @@ def build(export_dir: Path, finetune_dir: Path, section: EvaluateSection, export
 
     # chat (tasks/chat.py) renders turns the way the adapter was trained: data.template, or null for the
     # package's own chat template (chat_template.jinja)
-    report: dict = {"adapter": name, "heldout_records": len(held), "template": template, "targets": {}}
+    first = out / export.targets[0] / "genai_config.json"
+    context = json.loads(first.read_text(encoding="utf-8"))["model"]["context_length"]
+    merged = export.adapter_mode == "merged"
+    report: dict = {"adapter": name, "adapter_mode": export.adapter_mode, "heldout_records": len(held),
+                    "template": template, "context_length": context, "targets": {}}
+    if merged:  # the held-out loss with and without merging, measured by export (tasks/merge.py)
+        report["merge"] = json.loads((export_dir / "export_check.json").read_text(encoding="utf-8"))["merge"]
     speed: dict = {"max_new_tokens": section.max_new_tokens, "decode_tokens_per_s": {}}
     for target in export.targets:
         if not target_runs_here(target):
             log.warning("%s model NOT evaluated: this host has no CUDA GPU", target)
             report["targets"][target] = {"evaluated": False, "reason": NO_GPU}
             continue
-        quality, tokens_per_s = evaluate_target(out / target, target, section, name, template, held)
+        quality, tokens_per_s = evaluate_target(out / target, target, section, name, template, held, merged)
         report["targets"][target] = {"evaluated": True, **quality}
         speed["decode_tokens_per_s"][target] = tokens_per_s
         log.info("%s: decode speed (tokens/s): %s", target, tokens_per_s)
@@ -160,7 +186,7 @@ def build(export_dir: Path, finetune_dir: Path, section: EvaluateSection, export
     (out / "report.md").write_text(render_summary(report), encoding="utf-8")
     (out / "README.md").write_text(render_model_card(report, provenance, export, base_license(base_readme)),
                                    encoding="utf-8")
-    facts = {target: {"loss": r["loss"], "max_logit_shift_from_adapter": r["max_logit_shift_from_adapter"]}
+    facts = {target: {"loss": r["loss"], "max_logit_shift_from_adapter": r.get("max_logit_shift_from_adapter")}
              for target, r in report["targets"].items() if r["evaluated"]}
     for other, result in report.get("extra_adapters", {}).items():
         facts[f"adapter {other}"] = {target: r["loss"] for target, r in result["targets"].items()}
@@ -213,6 +239,12 @@ def render_summary(report: dict) -> str:
                          f"change {quality['max_logit_shift_from_adapter']}.")
     if report.get("extra_adapters"):
         lines.append("")
+    if "merge" in report:
+        m = report["merge"]
+        kept = "n/a" if m["gain_kept"] is None else f"{m['gain_kept']:.0%}"
+        lines += ["## Merging", "", "The adapter is merged into the model and quantized again (export.adapter_mode). "
+                  f"Held-out loss over {m['tokens']} answer tokens, PyTorch twins: base {m['base']}, base + LoRA "
+                  f"{m['unmerged']}, merged and requantized {m['merged']} ({kept} of the adapter's gain kept).", ""]
     for target, quality in report["targets"].items():
         lines += [f"## {target}", ""]
         if not quality["evaluated"]:
@@ -220,13 +252,16 @@ def render_summary(report: dict) -> str:
             continue
         loss = quality["loss"]
         lines += ["| | loss | perplexity | tokens |", "|---|---|---|---|"]
-        for label in ("without_adapter", "with_adapter"):
-            lines.append(f"| {label.replace('_', ' ')} | {loss[label]['loss']} | {loss[label]['perplexity']} | {loss[label]['tokens']} |")
-        lines += ["", f"Largest logit change caused by the adapter: {quality['max_logit_shift_from_adapter']}", "",
-                  "### Generations (greedy)", ""]
+        for label in loss:
+            name = "adapter merged" if report.get("adapter_mode") == "merged" else label.replace("_", " ")
+            lines.append(f"| {name} | {loss[label]['loss']} | {loss[label]['perplexity']} | {loss[label]['tokens']} |")
+        if "max_logit_shift_from_adapter" in quality:
+            lines += ["", f"Largest logit change caused by the adapter: {quality['max_logit_shift_from_adapter']}"]
+        lines += ["", "### Generations (greedy)", ""]
         for g in quality["generations"]:
-            lines += [f"**{g['prompt']}**", "", f"- without adapter: {g['without_adapter']!r}",
-                      f"- with adapter: {g['with_adapter']!r}", f"- reference: {g['reference']!r}", ""]
+            lines += [f"**{g['prompt']}**", ""]
+            lines += [f"- {label.replace('_', ' ')}: {g[label]!r}" for label in loss]
+            lines += [f"- reference: {g['reference']!r}", ""]
     return "\n".join(lines)
 
 
@@ -251,20 +286,32 @@ def render_model_card(report: dict, provenance: dict, export: ExportSection, lic
     else:
         source = f"random-init weights with the exact sizes of profile {base.get('profile')} (a benchmark model: it knows nothing)"
     first = next(t for t in export.targets)
+    merged = export.adapter_mode == "merged"
     lines = [
         "# ONNX Runtime GenAI package: AWQ int4 base + LoRA adapter", "",
         f"- Base model: {source}.",
         f"- Quantization: AWQ {quant.get('bits')}-bit, group size {quant.get('group_size')}, zero point "
         f"{quant.get('zero_point')}, exported as MatMulNBits for the execution providers "
         f"{', '.join(export.targets)}, one folder each.",
-        f"- Adapter `{export.adapter_name}` (`{export.adapter_name}{ADAPTER_SUFFIX}`): LoRA rank {tune.get('rank')}, "
-        f"alpha {tune.get('alpha')}, {tune.get('max_steps')} steps on {', '.join(targets)}.",
+        f"- Adapter `{export.adapter_name}` "
+        + ("merged into the weights and quantized again (export.adapter_mode = \"merged\"; no adapter file)"
+           if merged else f"(`{export.adapter_name}{ADAPTER_SUFFIX}`)")
+        + f": LoRA rank {tune.get('rank')}, alpha {tune.get('alpha')}, {tune.get('max_steps')} steps on "
+        f"{', '.join(targets)}.",
     ]
+    if report.get("context_length"):
+        origin = "export.max_context" if export.max_context else "the model's own"
+        lines.append(f"- Context: {report['context_length']:,} tokens in all, prompt and generated ({origin}; "
+                     "genai_config.json context_length). Keep prompts shorter: onnxruntime-genai 0.14.1 "
+                     "aborts on a longer one instead of refusing it.")
     for target, quality in report["targets"].items():
         if quality["evaluated"]:
             loss = quality["loss"]
-            lines.append(f"- Held-out loss ({target}): {loss['without_adapter']['loss']} without the adapter, "
-                         f"{loss['with_adapter']['loss']} with it.")
+            if "without_adapter" in loss:
+                lines.append(f"- Held-out loss ({target}): {loss['without_adapter']['loss']} without the adapter, "
+                             f"{loss['with_adapter']['loss']} with it.")
+            else:
+                lines.append(f"- Held-out loss ({target}): {loss['with_adapter']['loss']} (adapter merged).")
         else:
             lines.append(f"- {target}: not evaluated ({quality['reason']}).")
     for other in report.get("extra_adapters", {}):
@@ -272,11 +319,12 @@ def render_model_card(report: dict, provenance: dict, export: ExportSection, lic
                      "dataset; load it beside the others and switch by name (report.md).")
     lines += [
         "", "## Use", "", "```python", "import json", "import onnxruntime_genai as og",
-        f"model = og.Model('{first}')", "tokenizer = og.Tokenizer(model)", "adapters = og.Adapters(model)",
-        f"adapters.load('{first}/{export.adapter_name}{ADAPTER_SUFFIX}', '{export.adapter_name}')",
+        f"model = og.Model('{first}')", "tokenizer = og.Tokenizer(model)",
+        *([] if merged else ["adapters = og.Adapters(model)",
+                             f"adapters.load('{first}/{export.adapter_name}{ADAPTER_SUFFIX}', '{export.adapter_name}')"]),
         "params = og.GeneratorParams(model)", "params.set_search_options(max_length=256)",
         "generator = og.Generator(model, params)",
-        f"generator.set_active_adapter(adapters, '{export.adapter_name}')  # omit for the base model",
+        *([] if merged else [f"generator.set_active_adapter(adapters, '{export.adapter_name}')  # omit for the base model"]),
         *(["prompt = tokenizer.apply_chat_template(json.dumps([{'role': 'user', 'content': "
             "'what is the best thing to see in chicago'}]), add_generation_prompt=True)"]
           if report.get("template") is None else

@@ -29,14 +29,15 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 
-from tasks.config import ExportSection
+from tasks.config import ExportSection, QuantizeSection
 from tasks.devices import NO_GPU, target_runs_here
 from tasks.errors import PipelineError
 from tasks.genai import ADAPTER_SUFFIX
-from tasks import disk
-from tasks.stage_spec import Stage, runs_cuda_target
+from tasks import context_limit, disk
+from tasks.stage_spec import Stage, on_build_device, runs_cuda_target
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +213,10 @@ def write_adapter(params: dict[str, "object"], path: Path) -> None:
     fmt.export_adapter(str(path))
 
 
-def check_logits(package: Path, awq_dir: Path, adapter_dir: Path, adapter_file: Path, prompts: list[str],
+def check_logits(package: Path, awq_dir: Path, adapter_dir: Path, adapter_file: Path | None, prompts: list[str],
                  section: ExportSection, target: str, name: str | None = None) -> dict:
-    """Max |d| and min cosine of last-token logits, ONNX vs the AWQ checkpoint (float twin)."""
+    """Max |d| and min cosine of last-token logits, ONNX vs the AWQ checkpoint (float twin), without and
+    with the adapter (without only, for a package with no adapter file: a merged one)."""
     import numpy as np
     import torch
     from peft import PeftModel
@@ -226,10 +228,10 @@ def check_logits(package: Path, awq_dir: Path, adapter_dir: Path, adapter_file: 
     tokenizer = AutoTokenizer.from_pretrained(awq_dir)
     twin = load_float_twin(awq_dir)
     name = name or section.adapter_name
-    model, adapters = open_model(package, target, {name: adapter_file})
+    model, adapters = open_model(package, target, {name: adapter_file} if adapter_file else {})
     max_abs_bound, min_cos_bound = section.bounds(target)
     results = {}
-    for label, adapter in (("base", None), ("adapter", name)):
+    for label, adapter in (("base", None), ("adapter", name)) if adapter_file else (("merged", None),):
         if adapter:
             twin = PeftModel.from_pretrained(twin, str(adapter_dir)).eval()
         worst_abs, worst_cos, same_argmax = 0.0, 1.0, 0
@@ -255,6 +257,23 @@ def check_logits(package: Path, awq_dir: Path, adapter_dir: Path, adapter_file: 
     return results
 
 
+def export_merged(merged_awq: Path, section: ExportSection, target: str, out: Path, scratch: Path,
+                  prompts: list[str]) -> dict:
+    """One execution provider's plain model of the merged checkpoint, logits checked against it."""
+    raw = scratch / f"builder-{target}"
+    log.info("model builder: %s (merged) -> int4 MatMulNBits for %s", merged_awq, target)
+    run_builder(merged_awq, raw, target, scratch / "cache")
+    out.mkdir(parents=True, exist_ok=True)
+    for item in sorted(raw.iterdir()):
+        shutil.copyfile(item, out / item.name)
+    context = context_limit.apply(out, read_config(merged_awq), section.max_context, target)
+    if not target_runs_here(target):
+        log.warning("%s model NOT checked: this host has no CUDA GPU", target)
+        return {"checked": False, "reason": NO_GPU, "context": context}
+    return {"checked": True, "context": context,
+            **check_logits(out, merged_awq, Path(), None, prompts, section, target)}
+
+
 def export_target(awq_dir: Path, finetune_dir: Path, section: ExportSection, target: str, out: Path,
                   scratch: Path, prompts: list[str]) -> dict:
     """One execution provider's model, adapter file and logit check, in ``out`` (= <export>/<target>)."""
@@ -266,13 +285,15 @@ def export_target(awq_dir: Path, finetune_dir: Path, section: ExportSection, tar
     for item in sorted(raw.iterdir()):
         if item.name not in ("model.onnx", "model.onnx.data"):
             (out / item.name).write_bytes(item.read_bytes())
+    context = context_limit.apply(out, read_config(awq_dir), section.max_context, target)
     adapter_file = out / f"{section.adapter_name}{ADAPTER_SUFFIX}"
     write_adapter(params, adapter_file)
     if not target_runs_here(target):
         log.warning("%s model NOT checked: this host has no CUDA GPU. Build on a GPU host (or run "
                     "`doit evaluate` there) before shipping it", target)
-        return {"checked": False, "reason": NO_GPU}
-    return {"checked": True, **check_logits(out, awq_dir, finetune_dir / "adapter", adapter_file, prompts, section, target)}
+        return {"checked": False, "reason": NO_GPU, "context": context}
+    return {"checked": True, "context": context,
+            **check_logits(out, awq_dir, finetune_dir / "adapter", adapter_file, prompts, section, target)}
 
 
 def check_prompts(finetune_dir: Path, count: int, awq_dir: Path) -> list[str]:
@@ -319,19 +340,28 @@ def build_adapter(export_dir: Path, awq_dir: Path, finetune_dir: Path, section: 
     return {"logit_check": checks}
 
 
+def _merged(cfg) -> bool:
+    return cfg.export.adapter_mode == "merged"
+
+
 STAGE = Stage(
-    "export", "ONNX Runtime GenAI int4 base + switchable .onnx_adapter, logits checked",
-    upstream=("quantize", "finetune"), keys=("export",), entry="tasks.export:run", gpu=runs_cuda_target,
-    disk=disk.need_export,
+    "export", "ONNX Runtime GenAI int4 base + switchable .onnx_adapter (or the adapter merged), logits checked",
+    upstream=("quantize", "finetune"), entry="tasks.export:run", keys=("export",),
+    # merged: the quantize settings, calibration text and device of the AWQ run it repeats
+    more_keys=lambda cfg: ("quantize", "build.device") if _merged(cfg) else (),
+    files=lambda cfg: [cfg.quantize.calibration] if _merged(cfg) else [],
+    gpu=lambda cfg: runs_cuda_target(cfg) or (_merged(cfg) and on_build_device(cfg)), disk=disk.need_export,
 )
+
 
 def run(cfg, paths, out: Path) -> dict:
     """The stage's entry (STAGE above): the builder works in a scratch folder beside the staging one."""
-    import shutil
-
     scratch = paths.scratch("export")
     shutil.rmtree(scratch, ignore_errors=True)
     try:
+        if cfg.export.adapter_mode == "merged":
+            return build_merged(paths.stage("quantize"), paths.stage("finetune"), cfg.export, out, scratch,
+                                cfg.quantize, paths.data(cfg.quantize.calibration), cfg.build.device)
         return build(paths.stage("quantize"), paths.stage("finetune"), cfg.export, out, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -352,3 +382,19 @@ def build(awq_dir: Path, finetune_dir: Path, section: ExportSection, out: Path, 
         checks[target] = export_target(awq_dir, finetune_dir, section, target, out / target, scratch, prompts)
     (out / "export_check.json").write_text(json.dumps(checks, indent=2) + "\n")
     return {"logit_check": checks}
+
+
+def build_merged(awq_dir: Path, finetune_dir: Path, section: ExportSection, out: Path, scratch: Path,
+                 quantize: QuantizeSection, calibration: Path, device: str) -> dict:
+    """export.adapter_mode = "merged": the adapter folded in and quantized again (tasks/merge.py), then
+    a plain package per target; no adapter file."""
+    from tasks.merge import merge_and_requantize, merge_report
+
+    merged_awq = scratch / "merged-awq"
+    merge_and_requantize(awq_dir, finetune_dir / "adapter", quantize, calibration, device, merged_awq, scratch)
+    prompts = check_prompts(finetune_dir, section.check_prompts, awq_dir)
+    checks = {target: export_merged(merged_awq, section, target, out / target, scratch, prompts)
+              for target in section.targets}
+    merge = merge_report(awq_dir, finetune_dir / "adapter", merged_awq, finetune_dir)
+    (out / "export_check.json").write_text(json.dumps({**checks, "merge": merge}, indent=2) + "\n")
+    return {"logit_check": checks, "merge": merge}

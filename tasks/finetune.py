@@ -130,6 +130,7 @@ STAGE = Stage(
     processes=lambda cfg: cfg.finetune.processes,
 )
 
+
 def run(cfg, paths, out: Path, adapter: str | None = None) -> dict:
     """The stage's entry (STAGE above): the package's adapter on [data], or the extra adapter
     ``adapter`` on its own dataset ([adapters.<name>]), with the [finetune] settings."""

@@ -55,7 +55,7 @@ def cache_key(stage: Stage, cfg: PipelineConfig, paths: Paths, inputs: dict, inp
     body = {
         "format": FORMAT,
         "stage": stage.name,
-        "config": config_values(cfg, stage.keys),
+        "config": config_values(cfg, stage.keys_for(cfg)),
         "inputs": inputs,
         "input_files": input_files,
         "code": code_digest(paths.root, stage),

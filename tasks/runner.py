@@ -185,7 +185,7 @@ def _run_stage(name: str, cfg: PipelineConfig, paths: Paths) -> Path:
                         facts = _call_stage(stage, cfg, paths, staging) or {}
                     write_manifest(staging, {
                         "stage": name,
-                        "config": config_values(cfg, stage.keys),
+                        "config": config_values(cfg, stage.keys_for(cfg)),
                         "inputs": inputs,
                         "input_files": files,
                         "facts": facts,

@@ -95,6 +95,12 @@ class Stage:
     processes: Callable[[PipelineConfig], int] = one
     """Processes it runs (each gets executor.cpus_per_stage, or a GPU, on a Ray cluster)."""
     entry_args: tuple = ()
+    more_keys: Callable[[PipelineConfig], tuple[str, ...]] = lambda cfg: ()
+    """Keys that this config makes the stage read too (export's merged mode reads [quantize])."""
+
+    def keys_for(self, cfg: PipelineConfig) -> tuple[str, ...]:
+        """The config keys the stage reads for ``cfg``: its fingerprint and its cache key."""
+        return self.keys + self.more_keys(cfg)
 
     @property
     def code(self) -> tuple[str, ...]:

@@ -65,7 +65,7 @@ def config_values(cfg: PipelineConfig, keys: tuple[str, ...]) -> dict:
 
 
 def config_fingerprint(cfg: PipelineConfig, stage: Stage) -> str:
-    return json.dumps(config_values(cfg, stage.keys), sort_keys=True)
+    return json.dumps(config_values(cfg, stage.keys_for(cfg)), sort_keys=True)
 
 
 def upstream_closure(name: str, stages: tuple[Stage, ...] = STAGES) -> list[str]:

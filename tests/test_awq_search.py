@@ -7,7 +7,7 @@ import torch
 
 from tasks.awq_search import identical_codes
 from tasks.config import QuantizeSection
-from tasks.quantize import half_matmuls_in_float32_on_cpu, quant_config, quantizer_class, read_calibration
+from tasks.awq_quantize import half_matmuls_in_float32_on_cpu, quant_config, quantizer_class, read_calibration
 
 from conftest import REPO, doit
 

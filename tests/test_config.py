@@ -226,3 +226,13 @@ def test_command_line_mistakes_are_one_line_that_blames_the_command_line(tmp_pat
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
     assert expected in result.stderr and "pipeline.toml" not in result.stderr
     assert not (project / "build").exists()
+
+
+def test_a_merged_export_fingerprints_the_quantize_settings_it_repeats(tmp_path):
+    path = write(tmp_path, "")
+    switchable, merged = load_config(path), load_config(path, ["export.adapter_mode=merged"])
+    export = BY_NAME["export"]
+    assert config_fingerprint(switchable, export) == config_fingerprint(load_config(path, ["quantize.calibration_samples=64"]), export)
+    changed = load_config(path, ["export.adapter_mode=merged", "quantize.calibration_samples=64"])
+    assert config_fingerprint(merged, export) != config_fingerprint(changed, export)
+    assert export.files(merged) == ["data/calibration.txt"] and export.files(switchable) == []

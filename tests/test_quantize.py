@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tasks.awq_twin import load_float_twin, twin_config
-from tasks.quantize import _cloning_quantizer_cls, quant_config, read_calibration
+from tasks.awq_quantize import _cloning_quantizer_cls, quant_config, read_calibration
 
 from conftest import REPO
 

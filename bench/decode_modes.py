@@ -1,0 +1,204 @@
+"""Benchmark: decode speed of each export.adapter_mode against the model builder's plain package and
+transformers, on one device (CPU by default: on-device usually means CPU).
+
+    .venv/bin/python bench/decode_modes.py --profile tiny --out bench/results/decode_modes_tiny_cpu.json
+    .venv/bin/python bench/decode_modes.py --profile qwen2.5-0.5b-shape --max-steps 2 --batch-size 1 \
+        --out bench/results/decode_modes_qwen25_05b_shape_cpu.json
+    python3 bench/decode_modes.py --device cuda --profile phi-3.5-mini-shape --context 4096 --max-steps 20 ...
+
+One fresh project folder: the package built with export.adapter_mode = "switchable" and, into a second
+build folder (base, quantize and finetune restored from the run cache), with "merged", both with
+export.max_context = --context. Then, from the same AWQ checkpoint:
+  plain            the model builder's package, lm_head kept in float as ours is (like with like)
+  plain_int4_head  the builder's default, lm_head in int4 too
+Every plain package is timed as built and fitted to --context as ours are (tasks/context_limit.py:
+longrope's context switch folded; on cuda, the CUDA graph on). Decode: batch 1, --prompt prompt tokens
+then --new tokens, greedy, best of --repeats after a warm-up. transformers: the float base and base +
+LoRA (peft), greedy generate, the same token counts; fp32 with the dynamic cache on CPU, bf16 with the
+static cache on cuda. --phases builds and times in separate calls (a GPU lease's 10-minute calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tools.harness import make_project  # noqa: E402
+
+
+def run_doit(project: Path, *settings: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "doit", *settings], cwd=project, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"})
+    if result.returncode:
+        raise SystemExit(f"doit {' '.join(settings)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+
+
+def og_decode(folder: Path, adapter_file: Path | None, prompt: int, new: int, repeats: int) -> dict:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    adapters = None
+    if adapter_file is not None:
+        adapters = og.Adapters(model)
+        adapters.load(str(adapter_file), "a")
+    ids = np.arange(100, 100 + prompt, dtype=np.int32)[None] % 1000 + 10
+    rates = []
+    for i in range(repeats + 1):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=prompt + new, min_length=prompt + new, do_sample=False)
+        gen = og.Generator(model, params)
+        if adapters is not None:
+            gen.set_active_adapter(adapters, "a")
+        gen.append_tokens(ids)
+        start, n = time.perf_counter(), 0
+        while not gen.is_done():
+            gen.generate_next_token()
+            n += 1
+        if i:  # the first run warms up
+            rates.append(n / (time.perf_counter() - start))
+        del gen, params
+    return {"decode_tokens_per_s": round(max(rates), 1), "runs": [round(r, 1) for r in rates]}
+
+
+def hf_decode(model, prompt: int, new: int, repeats: int, device: str = "cpu") -> dict:
+    import torch
+
+    ids = (torch.arange(100, 100 + prompt) % 1000 + 10)[None].to(device)
+    rates = []
+    for i in range(repeats + 1):
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)  # prefill alone
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            total = time.perf_counter() - start
+        if i:
+            rates.append(new / total)
+    # generate() includes the prefill: this is an end-to-end rate, a lower bound of the decode-only one.
+    return {"end_to_end_tokens_per_s": round(max(rates), 1), "runs": [round(r, 1) for r in rates]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="tiny")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--phases", default="switchable,merged,decode", help="any of switchable, merged, decode")
+    parser.add_argument("--context", type=int, default=1024, help="export.max_context of our packages")
+    parser.add_argument("--max-steps", type=int, default=None, help="finetune.max_steps (a shape: a few suffice)")
+    parser.add_argument("--batch-size", type=int, default=None, help="finetune.batch_size")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep", type=Path, help="build here and keep it (default: a temporary folder)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="decode-modes-"))
+    project = work / "project" if (work / "project").is_dir() else make_project(work / "project")
+    settings = [f"model.profile={args.profile}", f"export.max_context={args.context}", "build.dir=build/switchable"]
+    if args.device == "cuda":
+        settings += ["build.device=cuda", 'export.targets=["cuda"]']
+    if args.max_steps:
+        settings.append(f"finetune.max_steps={args.max_steps}")
+    if args.batch_size:
+        settings.append(f"finetune.batch_size={args.batch_size}")
+    phases = set(args.phases.split(","))
+    times = json.loads((work / "build_times.json").read_text()) if (work / "build_times.json").is_file() else {}
+    for phase, extra in (("switchable", []), ("merged", ["build.dir=build/merged", "export.adapter_mode=merged"])):
+        if phase in phases:
+            start = time.perf_counter()
+            run_doit(project, *[s for s in settings if not (extra and s.startswith("build.dir"))], *extra)
+            times[phase] = round(time.perf_counter() - start, 1)
+            (work / "build_times.json").write_text(json.dumps(times))
+    if "decode" not in phases:
+        return
+    switchable, merged = project / "build/switchable", project / "build/merged"
+    target = args.device
+
+    from onnxruntime_genai.models.builder import create_model
+
+    from tasks.export import run_builder
+
+    from tasks import context_limit
+
+    scratch = work / "plain"
+    shutil.rmtree(scratch, ignore_errors=True)
+    run_builder(switchable / "quantize", scratch / "plain", target, scratch / "cache")
+    extra = {"int4_accuracy_level": "1"} if target == "cpu" else {}
+    create_model("", str(switchable / "quantize"), str(scratch / "plain_int4_head"), "int4", target,
+                 str(scratch / "cache"), shared_embeddings=False, **extra)
+    adapter = next((switchable / "package" / target).glob("*.onnx_adapter"))
+    variants = {
+        "plain": (scratch / "plain", None),
+        "plain_int4_head": (scratch / "plain_int4_head", None),
+        "switchable_inactive": (switchable / "package" / target, None),
+        "switchable_active": (switchable / "package" / target, adapter),
+        "merged": (merged / "package" / target, None),
+    }
+    config = json.loads((switchable / "quantize/config.json").read_text())
+    for name in ("plain", "plain_int4_head"):
+        fitted = scratch / f"{name}_fitted"
+        shutil.copytree(variants[name][0], fitted)
+        context_limit.apply(fitted, config, args.context, target)  # as export does for ours
+        variants[f"{name}_fitted"] = (fitted, None)
+    results: dict = {}
+    for name, (folder, adapter_file) in variants.items():
+        results[name] = og_decode(folder, adapter_file, args.prompt, args.new, args.repeats)
+        print(name, results[name], flush=True)
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    dtype, label = (torch.float32, "fp32") if target == "cpu" else (torch.bfloat16, "bf16_static_cache")
+    base = AutoModelForCausalLM.from_pretrained(switchable / "base", dtype=dtype).to(target).eval()
+    if target == "cuda":
+        base.generation_config.cache_implementation = "static"
+    results[f"transformers_{label}_base"] = hf_decode(base, args.prompt, args.new, args.repeats, target)
+    print(f"transformers_{label}_base", results[f"transformers_{label}_base"], flush=True)
+    tuned = PeftModel.from_pretrained(base, str(switchable / "finetune/adapter")).eval()
+    results[f"transformers_{label}_lora"] = hf_decode(tuned, args.prompt, args.new, args.repeats, target)
+    print(f"transformers_{label}_lora", results[f"transformers_{label}_lora"], flush=True)
+
+    plain = results["plain_fitted"]["decode_tokens_per_s"]  # like with like: lm_head float, same context
+    ratios = {k: round(v["decode_tokens_per_s"] / plain, 3) for k, v in results.items() if "decode_tokens_per_s" in v}
+    facts = json.loads((switchable / "base/MANIFEST.json").read_text())["facts"]
+    merge = json.loads((merged / "package/report.json").read_text()).get("merge")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    out = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}",
+        "device": target if target == "cpu" else torch.cuda.get_device_name(0),
+        "profile": args.profile, "parameters": facts.get("parameters"), "context": args.context,
+        "prompt_tokens": args.prompt, "new_tokens": args.new, "repeats": args.repeats,
+        "build_s": times,
+        "results": results,
+        "vs_plain": ratios,
+        "merge": merge,
+    }
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

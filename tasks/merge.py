@@ -1,0 +1,86 @@
+"""export.adapter_mode = "merged": one adapter folded into the model, which is then quantized again.
+
+The float twin of the AWQ checkpoint (its exact dequantized weights) plus the LoRA delta, merged by
+peft, is saved as a float16 model folder and quantized with the same AWQ settings, calibration text
+and search as the quantize stage. The model builder then exports it as a plain int4 graph: no LoRA
+branches and no adapter inputs, so the package decodes as fast as the builder's own. Requantizing
+rounds the merged weights to the int4 grid again, which can eat a small adapter's effect:
+``merge_report`` measures the held-out loss of the unmerged model (int4 base + LoRA, what the
+switchable package computes) against the merged, requantized one.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from tasks.awq_quantize import CARRIED_FILES, build as awq_build
+from tasks.config import QuantizeSection
+
+log = logging.getLogger(__name__)
+
+
+def merge_and_requantize(awq_dir: Path, adapter_dir: Path, section: QuantizeSection, calibration: Path, device: str,
+                         out: Path, scratch: Path) -> dict:
+    """An AWQ checkpoint in ``out`` of (the twin of ``awq_dir``) + (the LoRA in ``adapter_dir``)."""
+    import torch
+    from peft import PeftModel
+
+    from tasks.awq_twin import load_float_twin
+
+    merged_float = scratch / "merged-float16"
+    twin = load_float_twin(awq_dir)
+    merged = PeftModel.from_pretrained(twin, str(adapter_dir)).merge_and_unload()
+    merged.to(torch.float16).save_pretrained(merged_float, safe_serialization=True)
+    for name in CARRIED_FILES:
+        if (awq_dir / name).is_file():
+            shutil.copyfile(awq_dir / name, merged_float / name)
+    del twin, merged
+    log.info("LoRA merged into the float twin; quantizing the merged model again (AWQ, same settings)")
+    facts = awq_build(merged_float, section, calibration, device, out)
+    return {"merged_float": merged_float, **facts}
+
+
+def _response_loss(model, tokenizer, render_chat, records) -> tuple[float, int]:
+    """Mean cross-entropy of the final answers' tokens given the rest, over ``records``."""
+    import torch
+
+    from tasks.data import full_text, prompt_text
+
+    total, count = 0.0, 0
+    for record in records:
+        prompt = tokenizer(prompt_text(render_chat, record), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(full_text(render_chat, record), add_special_tokens=False)["input_ids"]
+        if len(ids) <= len(prompt):
+            continue
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+        targets = torch.tensor(ids[len(prompt):])
+        total += float(torch.nn.functional.cross_entropy(logits[len(prompt) - 1:-1], targets, reduction="sum"))
+        count += len(targets)
+    return total / max(count, 1), count
+
+
+def merge_report(awq_dir: Path, adapter_dir: Path, merged_awq: Path, finetune_dir: Path, records: int = 16) -> dict:
+    """Held-out loss without merging (int4 base + LoRA) and merged (the requantized checkpoint)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from tasks.awq_twin import load_float_twin
+    from tasks.data import chat_renderer, read_heldout
+
+    template, held = read_heldout(finetune_dir)
+    tokenizer = AutoTokenizer.from_pretrained(awq_dir)
+    render_chat = chat_renderer(tokenizer, template, awq_dir)
+    held = held[:records]
+    unmerged = PeftModel.from_pretrained(load_float_twin(awq_dir), str(adapter_dir)).eval()
+    base_loss, tokens = _response_loss(load_float_twin(awq_dir), tokenizer, render_chat, held)
+    unmerged_loss, _ = _response_loss(unmerged, tokenizer, render_chat, held)
+    merged_loss, _ = _response_loss(load_float_twin(merged_awq), tokenizer, render_chat, held)
+    kept = (base_loss - merged_loss) / (base_loss - unmerged_loss) if base_loss != unmerged_loss else None
+    log.info("held-out loss over %d answer tokens: base %.4f, base + LoRA %.4f, merged and requantized %.4f "
+             "(%s of the adapter's gain kept)", tokens, base_loss, unmerged_loss, merged_loss,
+             "n/a" if kept is None else f"{kept:.0%}")
+    return {"tokens": tokens, "base": round(base_loss, 5), "unmerged": round(unmerged_loss, 5),
+            "merged": round(merged_loss, 5), "gain_kept": None if kept is None else round(kept, 4)}
