@@ -148,16 +148,34 @@ def _lora_sites(graph, adapter_dir: Path, config: dict):
             raise PipelineError(f"no MatMulNBits computes {sorted(set(parts) - reached)} of layers.{layer}.{module} in "
                                 "the exported graph; the builder's node names changed: check onnxruntime-genai's "
                                 "version against the lock")
+    # Nodes that read the same activation share one A: [A_1 | A_2 ...] once, and each node's B has zero
+    # rows for the other nodes' modules (exact). Phi-3's gate_up, split by the builder into gate and up,
+    # so computes x A once instead of twice; Llama's separate gate and up share one wider A.
+    groups: dict[str, list[str]] = {}
     for name in sorted(per_node, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)]):
-        node, branches = node_of[name], per_node[name]
-        dtype = scales_dtype[node.input[2]]
-        np_dtype = np.float16 if dtype == TensorProto.FLOAT16 else np.float32
-        match = BUILDER_NODE_RE.match(name)
-        base = f"model.layers.{match.group(1)}.{match.group(2)}.{match.group(3)}"
-        a_all = np.concatenate([a for _, a, _ in branches], axis=1)
-        b_all = np.concatenate([b for _, _, b in branches], axis=0)
-        yield (node, base, f"{base}.lora_A", f"{base}.lora_B", dtype,
-               np.ascontiguousarray(a_all).astype(np_dtype), np.ascontiguousarray(b_all).astype(np_dtype))
+        groups.setdefault(node_of[name].input[0], []).append(name)
+    for names in groups.values():
+        modules = list(dict.fromkeys(m for name in names for m, _, _ in per_node[name]))
+        a_of = {m: a for name in names for m, a, _ in per_node[name]}
+        a_all = np.concatenate([a_of[m] for m in modules], axis=1)
+        first = BUILDER_NODE_RE.match(names[0])
+        a_name = f"model.layers.{first.group(1)}.{first.group(2)}.{first.group(3)}.lora_A"
+        for name in names:
+            node = node_of[name]
+            dtype = scales_dtype[node.input[2]]
+            np_dtype = np.float16 if dtype == TensorProto.FLOAT16 else np.float32
+            match = BUILDER_NODE_RE.match(name)
+            base = f"model.layers.{match.group(1)}.{match.group(2)}.{match.group(3)}"
+            placed = {m: b for m, _, b in per_node[name]}
+            b_all = np.concatenate([placed[m] if m in placed else np.zeros((a_of[m].shape[1], placed_width(per_node[name])),
+                                                                             np.float32) for m in modules], axis=0)
+            yield (node, base, a_name, f"{base}.lora_B", dtype,
+                   np.ascontiguousarray(a_all).astype(np_dtype), np.ascontiguousarray(b_all).astype(np_dtype))
+
+
+def placed_width(branches) -> int:
+    """N of a node's LoRA branches (every B placed at the node's output width)."""
+    return branches[0][2].shape[1]
 
 
 def graft_lora(model_path: Path, adapter_dir: Path, out_model: Path, config: dict) -> dict[str, "object"]:
@@ -171,22 +189,22 @@ def graft_lora(model_path: Path, adapter_dir: Path, out_model: Path, config: dic
     params: dict[str, object] = {}
     branches: dict[str, list] = {}  # base node name -> LoRA nodes to place right after it
     for node, base, a_name, b_name, dtype, a_param, b_param in list(_lora_sites(graph, adapter_dir, config)):
-        params[a_name], params[b_name] = a_param, b_param
         k, n = a_param.shape[0], b_param.shape[1]
+        a_base = a_name.removesuffix(".lora_A")
+        nodes = []
         # Graph inputs with a rank-1 zero default: no adapter active == base model exactly.
-        graph.input.extend([
-            helper.make_tensor_value_info(a_name, dtype, [k, "lora_rank"]),
-            helper.make_tensor_value_info(b_name, dtype, ["lora_rank", n]),
-        ])
-        graph.initializer.extend([
-            numpy_helper.from_array(np.zeros((k, 1), a_param.dtype), a_name),
-            numpy_helper.from_array(np.zeros((1, n), a_param.dtype), b_name),
-        ])
+        if a_name not in params:  # the first node of the ones sharing this A computes x A
+            graph.input.append(helper.make_tensor_value_info(a_name, dtype, [k, "lora_rank"]))
+            graph.initializer.append(numpy_helper.from_array(np.zeros((k, 1), a_param.dtype), a_name))
+            nodes.append(helper.make_node("MatMul", [node.input[0], a_name], [f"{a_base}/lora_A/output_0"],
+                                          name=f"{a_base}/lora_A/MatMul"))
+        params[a_name], params[b_name] = a_param, b_param
+        graph.input.append(helper.make_tensor_value_info(b_name, dtype, ["lora_rank", n]))
+        graph.initializer.append(numpy_helper.from_array(np.zeros((1, n), a_param.dtype), b_name))
         y = node.output[0]
         node.output[0] = f"{y}/base"
-        branches[node.name] = [
-            helper.make_node("MatMul", [node.input[0], a_name], [f"{base}/lora_A/output_0"], name=f"{base}/lora_A/MatMul"),
-            helper.make_node("MatMul", [f"{base}/lora_A/output_0", b_name], [f"{base}/lora_B/output_0"], name=f"{base}/lora_B/MatMul"),
+        branches[node.name] = nodes + [
+            helper.make_node("MatMul", [f"{a_base}/lora_A/output_0", b_name], [f"{base}/lora_B/output_0"], name=f"{base}/lora_B/MatMul"),
             helper.make_node("Add", [f"{y}/base", f"{base}/lora_B/output_0"], [y], name=f"{base}/lora/Add"),
         ]
     # ONNX wants nodes in topological order: each branch goes right after the node it extends,

@@ -53,6 +53,12 @@ def test_every_family_builds_end_to_end_from_the_hub_layout_offline(families_pro
     # export's logit check passed (it fails the stage otherwise) on every linear of the family
     checks = json.loads((package / "export_check.json").read_text())["cpu"]
     assert checks["checked"] and checks["adapter"]["max_abs_diff"] < 0.01
+    # int4 MatMuls that read the same activation (gate and up) share one LoRA A: one x A per activation
+    import onnx
+
+    graph = onnx.load(str(package / "cpu/model.onnx"), load_external_data=False).graph
+    grafted = {n.input[0] for n in graph.node if n.op_type == "MatMulNBits" and n.output[0].endswith("/base")}
+    assert len([n for n in graph.node if n.name.endswith("/lora_A/MatMul")]) == len(grafted)
     tuned = json.loads((project / build / "finetune/metrics.json").read_text())
     assert tuned["target_modules"] == sorted(fam.linears) and tuned["template"] is None
     assert tuned["chat_template"] == fam.chat_template
