@@ -11,6 +11,9 @@ build folder (base, quantize and finetune restored from the run cache), with "me
 export.max_context = --context. Then, from the same AWQ checkpoint:
   plain            the model builder's package, lm_head kept in float as ours is (like with like)
   plain_int4_head  the builder's default, lm_head in int4 too
+  switchable_rank0 our switchable package with zero-width LoRA defaults (inactive: empty matrices)
+  constant_lora    our package with the adapter's values as initializers, no LoRA inputs: the LoRA
+                   kernels' cost without onnxruntime's per-run handling of the adapter inputs
 Every plain package is timed as built and fitted to --context as ours are (tasks/context_limit.py:
 longrope's context switch folded; on cuda, the CUDA graph on). Decode: batch 1, --prompt prompt tokens
 then --new tokens, greedy, best of --repeats after a warm-up. transformers: the float base and base +
@@ -92,6 +95,41 @@ def hf_decode(model, prompt: int, new: int, repeats: int, device: str = "cpu") -
     return {"end_to_end_tokens_per_s": round(max(rates), 1), "runs": [round(r, 1) for r in rates]}
 
 
+def lora_variant(src: Path, dst: Path, kind: str, adapter_dir: Path, quantize_dir: Path) -> Path:
+    """A copy of the switchable package whose LoRA inputs are rewritten: "rank0" (zero-width defaults: an
+    inactive adapter multiplies by empty matrices) or "constant" (the adapter's own values as
+    initializers, no inputs: the kernels without the per-run input handling)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from tasks.export import _lora_sites, read_config
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.onnx", "model.onnx.data", "*.onnx_adapter"))
+    model = onnx.load(str(src / "model.onnx"))
+    graph = model.graph
+    lora = {i.name for i in graph.input if ".lora_" in i.name}
+    values = {}
+    if kind == "constant":
+        for _, _, a_name, b_name, _, a, b in _lora_sites(graph, adapter_dir, read_config(quantize_dir)):
+            values[a_name], values[b_name] = a, b
+    for init in graph.initializer:
+        if init.name in lora:
+            old = numpy_helper.to_array(init)
+            if kind == "rank0":
+                new = np.zeros((old.shape[0], 0) if init.name.endswith("lora_A") else (0, old.shape[1]), old.dtype)
+            else:
+                new = values[init.name].astype(old.dtype)
+            init.CopyFrom(numpy_helper.from_array(new, init.name))
+    if kind == "constant":
+        kept = [i for i in graph.input if i.name not in lora]
+        del graph.input[:]
+        graph.input.extend(kept)
+    onnx.save(model, str(dst / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=1024)
+    return dst
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="tiny")
@@ -149,6 +187,13 @@ def main() -> None:
         "switchable_active": (switchable / "package" / target, adapter),
         "merged": (merged / "package" / target, None),
     }
+    variants["switchable_rank0_inactive"] = (lora_variant(
+        switchable / "package" / target, scratch / "rank0", "rank0", switchable / "finetune/adapter",
+        switchable / "quantize"), None)
+    variants["switchable_rank0_active"] = (variants["switchable_rank0_inactive"][0], adapter)
+    variants["constant_lora"] = (lora_variant(
+        switchable / "package" / target, scratch / "constant", "constant", switchable / "finetune/adapter",
+        switchable / "quantize"), None)
     config = json.loads((switchable / "quantize/config.json").read_text())
     for name in ("plain", "plain_int4_head"):
         fitted = scratch / f"{name}_fitted"
