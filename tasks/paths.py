@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tasks.config import PipelineConfig
+if TYPE_CHECKING:  # tasks/image.py imports this module with a bare system Python (no pydantic)
+    from tasks.config import PipelineConfig
 
 
 # Folder and file names the build writes, in one place.

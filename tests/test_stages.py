@@ -70,3 +70,13 @@ def test_file_folder_and_environment_names_are_spelled_only_in_tasks_paths():
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 assert node.value not in own and not re.fullmatch(r"PIPELINE_[A-Z_]+", node.value), \
                     f"{path.relative_to(REPO)}:{node.lineno} spells {node.value!r}; import it from tasks/paths.py"
+
+
+def test_the_image_tool_imports_with_the_standard_library_alone():
+    """`python3 -m tasks.image` runs on hosts without the project's venv (docs/CONTAINER.md)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); import tasks.image"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
