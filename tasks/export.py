@@ -413,6 +413,6 @@ def build_merged(awq_dir: Path, finetune_dir: Path, section: ExportSection, out:
     prompts = check_prompts(finetune_dir, section.check_prompts, awq_dir)
     checks = {target: export_merged(merged_awq, section, target, out / target, scratch, prompts)
               for target in section.targets}
-    merge = merge_report(awq_dir, finetune_dir / "adapter", merged_awq, finetune_dir)
+    merge = merge_report(awq_dir, finetune_dir / "adapter", merged_awq, finetune_dir, device)
     (out / "export_check.json").write_text(json.dumps({**checks, "merge": merge}, indent=2) + "\n")
     return {"logit_check": checks, "merge": merge}
