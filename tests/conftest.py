@@ -24,3 +24,15 @@ def built_project(tmp_path_factory) -> Path:
 @pytest.fixture
 def project_copy(built_project, tmp_path) -> Path:
     return copy_project(built_project, tmp_path / "project")
+
+
+# Modules that build the pipeline many times, heaviest first: with `pytest -n 2 --dist loadfile` a worker
+# takes whole modules in collection order, so starting the long ones first keeps both workers busy to
+# the end (CI's wall time), instead of leaving one long module for last.
+HEAVY_FIRST = ("test_ray_executor", "test_pipeline", "test_families", "test_adapters", "test_reliability",
+               "test_publish", "test_kill", "test_matrix", "test_run_cache", "test_reproducible")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2], len(rank)))  # stable

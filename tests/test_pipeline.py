@@ -190,7 +190,7 @@ def test_one_build_exports_cpu_and_cuda_targets_and_says_which_it_could_not_chec
     check = json.loads((export / "export_check.json").read_text())
     import torch
     if not torch.cuda.is_available():
-        assert check["cuda"] == {"checked": False, "reason": "no CUDA GPU on the build host"}
+        assert check["cuda"]["checked"] is False and check["cuda"]["reason"] == "no CUDA GPU on the build host"
         report = json.loads((project_copy / "build/tiny/package/report.json").read_text())
         assert report["targets"]["cuda"]["evaluated"] is False
     assert check["cpu"]["checked"] and (project_copy / "build/tiny/package/cuda/model.onnx").is_file()
