@@ -3,7 +3,7 @@ transformers, on one device (CPU by default: on-device usually means CPU).
 
     .venv/bin/python bench/decode_modes.py --profile tiny --out bench/results/decode_modes_tiny_cpu.json
     .venv/bin/python bench/decode_modes.py --profile qwen2.5-0.5b-shape --max-steps 2 --batch-size 1 \
-        --out bench/results/decode_modes_qwen25_05b_shape_cpu.json
+        --set quantize.calibration_samples=16 --out bench/results/decode_modes_qwen25_05b_shape_cpu.json
     python3 bench/decode_modes.py --device cuda --profile phi-3.5-mini-shape --context 4096 --max-steps 20 ...
 
 One fresh project folder: the package built with export.adapter_mode = "switchable" and, into a second
@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024, help="export.max_context of our packages")
     parser.add_argument("--max-steps", type=int, default=None, help="finetune.max_steps (a shape: a few suffice)")
     parser.add_argument("--batch-size", type=int, default=None, help="finetune.batch_size")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="more config overrides for both builds, e.g. quantize.calibration_samples=16")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
@@ -150,6 +152,7 @@ def main() -> None:
     settings = [f"model.profile={args.profile}", f"export.max_context={args.context}", "build.dir=build/switchable"]
     if args.device == "cuda":
         settings += ["build.device=cuda", 'export.targets=["cuda"]']
+    settings += args.set
     if args.max_steps:
         settings.append(f"finetune.max_steps={args.max_steps}")
     if args.batch_size:
