@@ -190,6 +190,8 @@ def main() -> None:
         "switchable_active": (switchable / "package" / target, adapter),
         "merged": (merged / "package" / target, None),
     }
+    if not (merged / "package" / target).is_dir():  # --phases without merged
+        del variants["merged"]
     variants["switchable_rank0_inactive"] = (lora_variant(
         switchable / "package" / target, scratch / "rank0", "rank0", switchable / "finetune/adapter",
         switchable / "quantize"), None)
@@ -226,7 +228,7 @@ def main() -> None:
     plain = results["plain_fitted"]["decode_tokens_per_s"]  # like with like: lm_head float, same context
     ratios = {k: round(v["decode_tokens_per_s"] / plain, 3) for k, v in results.items() if "decode_tokens_per_s" in v}
     facts = json.loads((switchable / "base/MANIFEST.json").read_text())["facts"]
-    merge = json.loads((merged / "package/report.json").read_text()).get("merge")
+    merge = json.loads((merged / "package/report.json").read_text()).get("merge") if "merged" in variants else None
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     out = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
