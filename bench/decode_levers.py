@@ -26,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tasks import context_limit  # noqa: E402
 from tasks.manifest import clone_file  # noqa: E402
 
 PROMPT, NEW = 128, 256
@@ -42,53 +43,27 @@ def copy_package(src: Path, dst: Path) -> Path:
 
 
 def has_context_switch(folder: Path) -> bool:
-    """Whether the graph has longrope's If node choosing the short or long cos/sin caches."""
-    import onnx
-
-    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
-    return any(n.op_type == "If" and set(n.output) == {"cos_cache", "sin_cache"} for n in graph.node)
+    return context_limit.has_context_switch(folder / "model.onnx")
 
 
 def fix_context(folder: Path) -> int:
-    """Replace the longrope If node by its short-context branch's constants; return the context bound."""
+    """Replace the longrope If node by its short-context branch's constants, as export.max_context does
+    (tasks/context_limit.py); return the context bound the If compared against."""
     import onnx
-    from onnx import helper
 
-    path = folder / "model.onnx"
-    model = onnx.load(str(path), load_external_data=False)
-    graph = model.graph
-    for i, node in enumerate(graph.node):
-        if node.op_type == "If" and set(node.output) == {"cos_cache", "sin_cache"}:
-            condition = node.input[0]
-            branch = next(a.g for a in node.attribute if a.name == "else_branch")  # Greater(len, bound) false
-            renames = dict(zip([o.name for o in branch.output], node.output))
-            constants = []
-            for inner in branch.node:
-                copy = helper.make_node("Constant", [], [renames[inner.output[0]]], name=f"{node.name}/fixed/{inner.output[0]}")
-                copy.attribute.extend(inner.attribute)
-                constants.append(copy)
-            del graph.node[i]
-            for offset, c in enumerate(constants):
-                graph.node.insert(i + offset, c)
-            break
-    else:
-        raise SystemExit("no longrope If node producing cos_cache/sin_cache in this graph")
-    onnx.save(model, str(path))  # external data stays in model.onnx.data (linked), by location
-    # The bound the If compared against (Greater(total length, bound)): original_max_position_embeddings.
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    condition = next(n.input[0] for n in graph.node if n.op_type == "If" and set(n.output) == context_limit.ROTARY_CACHES)
+    # The bound of Greater(total length, bound): original_max_position_embeddings.
     greater = next((n for n in graph.node if n.output and n.output[0] == condition), None)
     bound = greater.input[1].rsplit("/", 1)[-1] if greater is not None else ""
+    if not context_limit.fold_context_switch(folder / "model.onnx"):
+        raise SystemExit("no longrope If node producing cos_cache/sin_cache in this graph")
     return int(bound) if bound.isdigit() else 0
 
 
 def enable_cuda_graph(folder: Path) -> None:
     config = json.loads((folder / "genai_config.json").read_text())
-    options = config["model"]["decoder"].setdefault("session_options", {})
-    providers = options.setdefault("provider_options", [])
-    cuda = next((p["cuda"] for p in providers if "cuda" in p), None)
-    if cuda is None:
-        cuda = {}
-        providers.append({"cuda": cuda})
-    cuda["enable_cuda_graph"] = "1"
+    context_limit.enable_cuda_graph(config)
     (folder / "genai_config.json").write_text(json.dumps(config, indent=2))
 
 

@@ -74,6 +74,23 @@ def fold_context_switch(model_path: Path) -> bool:
     return True
 
 
+def enable_cuda_graph(genai: dict) -> None:
+    """Turn on onnxruntime-genai's CUDA graph capture in a genai_config.json's content, in place."""
+    options = genai["model"]["decoder"].setdefault("session_options", {})
+    providers = options.setdefault("provider_options", [])
+    cuda = next((p["cuda"] for p in providers if "cuda" in p), None)
+    if cuda is None:
+        providers.append({"cuda": (cuda := {})})
+    cuda["enable_cuda_graph"] = "1"
+
+
+def has_context_switch(model_path: Path) -> bool:
+    """Whether the graph has longrope's If node choosing the short or the long rotary caches."""
+    import onnx
+
+    return _context_switch(onnx.load(str(model_path), load_external_data=False).graph)[1] is not None
+
+
 def apply(target_dir: Path, config: dict, max_context: int | None, target: str) -> dict:
     """Fit the exported package in ``target_dir`` to ``max_context`` (None: the model's own context,
     nothing changes). Returns what was done, for the export's record."""
@@ -96,12 +113,7 @@ def apply(target_dir: Path, config: dict, max_context: int | None, target: str) 
     genai["search"]["max_length"] = max_context
     cuda_graph = target == "cuda" and (original is None or fixed)
     if cuda_graph:
-        options = genai["model"]["decoder"].setdefault("session_options", {})
-        providers = options.setdefault("provider_options", [])
-        cuda = next((p["cuda"] for p in providers if "cuda" in p), None)
-        if cuda is None:
-            providers.append({"cuda": (cuda := {})})
-        cuda["enable_cuda_graph"] = "1"
+        enable_cuda_graph(genai)
     path.write_text(json.dumps(genai, indent=4) + "\n", encoding="utf-8")
     log.info("%s: context fixed at %d tokens%s%s", target, max_context,
              "; rotary cache switch folded to the short caches" if fixed else "",

@@ -11,6 +11,13 @@ from tasks.errors import PipelineError
 
 from conftest import doit, executed
 
+def chat(project, prompt: str, max_new_tokens: int = 100) -> subprocess.CompletedProcess:
+    """`python -m tasks chat --prompt` on the project's package."""
+    return subprocess.run([sys.executable, "-m", "tasks", "chat", "--package", "build/tiny/package",
+                           "--max-new-tokens", str(max_new_tokens), "--prompt", prompt], cwd=project,
+                          capture_output=True, text=True, timeout=120)
+
+
 PHI3_CONFIG = {"max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
                "rope_parameters": {"rope_type": "longrope"}}
 
@@ -41,14 +48,9 @@ def test_a_fixed_context_package_folds_the_rope_switch_states_its_limit_and_refu
     assert json.loads((project_copy / "build/tiny/package/report.json").read_text())["context_length"] == 64
     assert "- Context: 64 tokens in all" in (project_copy / "build/tiny/package/README.md").read_text()
 
-    def chat(prompt):
-        return subprocess.run([sys.executable, "-m", "tasks", "chat", "--package", "build/tiny/package",
-                               "--max-new-tokens", "100", "--prompt", prompt], cwd=project_copy,
-                              capture_output=True, text=True, timeout=120)
-
-    short = chat("where to go in Rome")
+    short = chat(project_copy, "where to go in Rome")
     assert short.returncode == 0 and short.stdout.strip(), short.stderr  # generation stops at the context
-    long = chat("where to go in Rome " * 40)
+    long = chat(project_copy, "where to go in Rome " * 40)
     assert long.returncode != 0
     assert "tokens and this package supports 64" in long.stderr and "export.max_context" in long.stderr
     assert "Traceback" not in long.stderr and len(long.stderr.strip().splitlines()) == 1
@@ -71,9 +73,7 @@ def test_a_merged_package_is_the_plain_graph_and_reports_the_loss_with_and_witho
     assert merge["unmerged"] < merge["base"] and merge["merged"] < merge["base"]  # the adapter's gain survives
     assert abs(report["targets"]["cpu"]["loss"]["with_adapter"]["loss"] - merge["merged"]) < 1e-3
     assert "merged into the weights" in (package / "README.md").read_text()
-    answer = subprocess.run([sys.executable, "-m", "tasks", "chat", "--package", "build/tiny/package",
-                             "--max-new-tokens", "8", "--prompt", "where to go in Rome"], cwd=project_copy,
-                            capture_output=True, text=True, timeout=120)
+    answer = chat(project_copy, "where to go in Rome", max_new_tokens=8)
     assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr
 
 
