@@ -10,8 +10,14 @@
 # 10-15 min cold on 2 cores.
 # Env: PYTHON (default .venv/bin/python), PIPELINE_EXTRA_CA (default: the system CA bundle, which here
 # holds the TLS proxy's CA), CONTAINER_TEST_COLD=1 (prune BuildKit's cache first: a true cold build).
+#
+#   .ci/container.sh prepare   steps 1-3, then builds the tests' runtime image once with the system
+#                              python3 (tasks/image.py needs nothing installed), so that BuildKit's cache
+#                              holds its dependency layers (most of a cold build: the lock's pip install).
+#                              .ci/run starts this beside the host's install, which leaves a core idle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MODE="${1:-test}"
 PYTHON="${PYTHON:-.venv/bin/python}"
 DOCKER=/usr/bin/docker          # Debian's client: BuildKit built in, no buildx plugin needed
 
@@ -30,6 +36,23 @@ fi
 
 echo "== local base image"
 DOCKER="$DOCKER" docker/make-local-base.sh
+LOCAL_BASE="${CONTAINER_TEST_BASE:-ondevice-llm-build/debian-base:bookworm}"   # tests/test_container.py's
+
+if [ "$MODE" = prepare ]; then
+    # The tests build from a copy of the tracked and untracked files (no .git, hence SOURCE_DATE_EPOCH 0);
+    # build from such a copy too, so that nothing is written into this checkout's build/ folder.
+    ctx=$(mktemp -d /tmp/ci-image-context.XXXXXX)
+    git ls-files -co --exclude-standard -z | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$ctx"
+    echo "== warming BuildKit's cache: the runtime image (cpu) from $ctx"
+    start=$(date +%s)
+    (cd "$ctx" && SOURCE_DATE_EPOCH=0 PIPELINE_DOCKER="$DOCKER" PIPELINE_DOCKER_NETWORK="${PIPELINE_DOCKER_NETWORK:-host}" \
+        python3.11 -m tasks.image build --root . --target runtime --variant cpu --base "$LOCAL_BASE" \
+        --extra-ca "${PIPELINE_EXTRA_CA:-/etc/ssl/certs/ca-certificates.crt}" --iidfile "$ctx.iid" \
+        --tag ondevice-llm-build-test:prepared)
+    echo "== prepared in $(( $(date +%s) - start ))s"
+    rm -rf "$ctx" "$ctx.iid"
+    exit 0
+fi
 
 export PIPELINE_DOCKER="$DOCKER"
 export PIPELINE_DOCKER_NETWORK="${PIPELINE_DOCKER_NETWORK:-host}"

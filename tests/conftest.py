@@ -14,11 +14,24 @@ from tools.harness import (LAB_DATA, PROJECT_FILES, REPO, STAGES, copy_project, 
 
 
 @pytest.fixture(scope="session")
-def built_project(tmp_path_factory) -> Path:
-    """The default tiny pipeline built once, end to end, with the real libraries."""
-    project = make_project(tmp_path_factory.mktemp("built") / "project")
-    doit(project)
-    return project
+def built_project(tmp_path_factory, worker_id) -> Path:
+    """The default tiny pipeline built once, end to end, with the real libraries. Under pytest-xdist the
+    workers build it once between them (the first to ask builds, the others wait), and each gets its own
+    copy: tests run doit in it, and two workers must not share one project's state."""
+    if worker_id == "master":
+        project = make_project(tmp_path_factory.mktemp("built") / "project")
+        doit(project)
+        return project
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "built-once"  # the workers' common parent folder
+    with FileLock(f"{shared}.lock"):
+        if (shared / "project").is_dir() and not (shared / "done").is_file():
+            pytest.fail("the shared tiny build failed on another worker; its error is that worker's")
+        if not (shared / "done").is_file():
+            doit(make_project(shared / "project"))
+            (shared / "done").touch()
+    return copy_project(shared / "project", tmp_path_factory.mktemp("built") / "project")
 
 
 @pytest.fixture

@@ -59,6 +59,11 @@ def test_every_family_builds_end_to_end_from_the_hub_layout_offline(families_pro
     graph = onnx.load(str(package / "cpu/model.onnx"), load_external_data=False).graph
     grafted = {n.input[0] for n in graph.node if n.op_type == "MatMulNBits" and n.output[0].endswith("/base")}
     assert len([n for n in graph.node if n.name.endswith("/lora_A/MatMul")]) == len(grafted)
+    # with no adapter active the LoRA branch multiplies by empty matrices (A is K x 0, B 0 x N), which the
+    # check above found exact (max |d| vs the checkpoint, base label)
+    defaults = {i.name: list(i.dims) for i in graph.initializer if ".lora_" in i.name}
+    assert defaults and all(0 in dims and len(dims) == 2 for dims in defaults.values()), defaults
+    assert checks["base"]["max_abs_diff"] < 0.01
     tuned = json.loads((project / build / "finetune/metrics.json").read_text())
     assert tuned["target_modules"] == sorted(fam.linears) and tuned["template"] is None
     assert tuned["chat_template"] == fam.chat_template

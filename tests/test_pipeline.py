@@ -75,9 +75,14 @@ def test_changing_only_the_lora_rank_rebuilds_finetune_and_later(project_copy):
     assert manifest(project_copy, "finetune")["config"]["finetune"]["rank"] == 4
 
 
-def test_changing_awq_group_size_rebuilds_quantize_and_later(project_copy):
-    assert executed(doit(project_copy, "quantize.group_size=64")) == ["quantize", "finetune", "export", "evaluate"]
+def test_changing_awq_group_size_rebuilds_quantize_and_makes_finetune_stale(project_copy):
+    # (the cascade from quantize to the package is test_editing_calibration_text_rebuilds_quantize_and_later;
+    # here only the first link, which is what a [quantize] key adds)
+    assert executed(doit(project_copy, "quantize", "quantize.group_size=64")) == ["quantize"]
     assert json.loads((project_copy / "build/tiny/quantize/config.json").read_text())["quantization_config"]["group_size"] == 64
+    info = doit(project_copy, "info", "finetune", "quantize.group_size=64", check=False)  # exit 1 = "would run"
+    assert info.returncode == 1 and "file dependencies have changed" in info.stdout, info.stdout
+    assert "quantize/MANIFEST.json" in info.stdout
 
 
 def test_a_stage_that_reproduces_identical_bytes_does_not_cascade(project_copy):
@@ -144,7 +149,7 @@ def test_a_second_doit_on_the_same_build_folder_exits_naming_the_first(project_c
         fh.write(json.dumps({"prompt": "Is Oslo walkable?", "response": "Yes, the centre is compact."}) + "\n")
     log = project_copy / "build/tiny/logs/finetune.log"
     log.unlink()  # the copied project has the previous build's log: wait for this run's
-    first = subprocess.Popen([sys.executable, "-m", "doit"], cwd=project_copy, stdout=subprocess.DEVNULL,
+    first = subprocess.Popen([sys.executable, "-m", "doit", "finetune"], cwd=project_copy, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     while first.poll() is None and not (log.is_file() and "building into" in log.read_text()):
         time.sleep(0.1)
@@ -154,7 +159,7 @@ def test_a_second_doit_on_the_same_build_folder_exits_naming_the_first(project_c
     assert len(errors) == 1 and f"pid {first.pid}" in errors[0], second.stderr
     assert doit(project_copy, "list").returncode == 0  # read-only commands do not wait
     assert first.wait(timeout=600) == 0
-    assert executed(doit(project_copy)) == []
+    assert executed(doit(project_copy, "finetune")) == []
 
 
 def test_verify_names_a_damaged_file_and_the_next_build_redoes_that_stage_and_later(project_copy):
