@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,11 +15,11 @@ from tools.harness import (LAB_DATA, PROJECT_FILES, REPO, STAGES, copy_project, 
 
 
 @pytest.fixture(scope="session")
-def built_project(tmp_path_factory, worker_id) -> Path:
+def built_project(tmp_path_factory) -> Path:
     """The default tiny pipeline built once, end to end, with the real libraries. Under pytest-xdist the
     workers build it once between them (the first to ask builds, the others wait), and each gets its own
     copy: tests run doit in it, and two workers must not share one project's state."""
-    if worker_id == "master":
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # set by pytest-xdist in its workers only
         project = make_project(tmp_path_factory.mktemp("built") / "project")
         doit(project)
         return project
