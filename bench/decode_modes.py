@@ -11,7 +11,6 @@ build folder (base, quantize and finetune restored from the run cache), with "me
 export.max_context = --context. Then, from the same AWQ checkpoint:
   plain            the model builder's package, lm_head kept in float as ours is (like with like)
   plain_int4_head  the builder's default, lm_head in int4 too
-  switchable_rank0 our switchable package with zero-width LoRA defaults (inactive: empty matrices)
   constant_lora    our package with the adapter's values as initializers, no LoRA inputs: the LoRA
                    kernels' cost without onnxruntime's per-run handling of the adapter inputs
 Every plain package is timed as built and fitted to --context as ours are (tasks/context_limit.py:
@@ -49,31 +48,12 @@ def run_doit(project: Path, *settings: str) -> None:
 
 
 def og_decode(folder: Path, adapter_file: Path | None, prompt: int, new: int, repeats: int) -> dict:
-    import numpy as np
-    import onnxruntime_genai as og
+    """The rates of bench/lock_runtime_decode.py's decode (its tokens are not part of this benchmark's JSON)."""
+    from bench.lock_runtime_decode import decode
 
-    model = og.Model(str(folder))
-    adapters = None
-    if adapter_file is not None:
-        adapters = og.Adapters(model)
-        adapters.load(str(adapter_file), "a")
-    ids = np.arange(100, 100 + prompt, dtype=np.int32)[None] % 1000 + 10
-    rates = []
-    for i in range(repeats + 1):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=prompt + new, min_length=prompt + new, do_sample=False)
-        gen = og.Generator(model, params)
-        if adapters is not None:
-            gen.set_active_adapter(adapters, "a")
-        gen.append_tokens(ids)
-        start, n = time.perf_counter(), 0
-        while not gen.is_done():
-            gen.generate_next_token()
-            n += 1
-        if i:  # the first run warms up
-            rates.append(n / (time.perf_counter() - start))
-        del gen, params
-    return {"decode_tokens_per_s": round(max(rates), 1), "runs": [round(r, 1) for r in rates]}
+    result = decode(folder, adapter_file, prompt, new, repeats)
+    del result["tokens"]
+    return result
 
 
 def hf_decode(model, prompt: int, new: int, repeats: int, device: str = "cpu") -> dict:
@@ -95,11 +75,10 @@ def hf_decode(model, prompt: int, new: int, repeats: int, device: str = "cpu") -
     return {"end_to_end_tokens_per_s": round(max(rates), 1), "runs": [round(r, 1) for r in rates]}
 
 
-def lora_variant(src: Path, dst: Path, kind: str, adapter_dir: Path, quantize_dir: Path) -> Path:
-    """A copy of the switchable package whose LoRA inputs are rewritten: "rank0" (zero-width defaults: an
-    inactive adapter multiplies by empty matrices) or "constant" (the adapter's own values as
-    initializers, no inputs: the kernels without the per-run input handling)."""
-    import numpy as np
+def constant_lora(src: Path, dst: Path, adapter_dir: Path, quantize_dir: Path) -> Path:
+    """A copy of the switchable package with the adapter's own values as initializers and no LoRA inputs:
+    the LoRA kernels without onnxruntime's per-run handling of the adapter inputs. (The zero-width defaults
+    this benchmark also rewrote once are what export writes since commit f697276.)"""
     import onnx
     from onnx import numpy_helper
 
@@ -110,21 +89,15 @@ def lora_variant(src: Path, dst: Path, kind: str, adapter_dir: Path, quantize_di
     graph = model.graph
     lora = {i.name for i in graph.input if ".lora_" in i.name}
     values = {}
-    if kind == "constant":
-        for _, _, a_name, b_name, _, a, b in _lora_sites(graph, adapter_dir, read_config(quantize_dir)):
-            values[a_name], values[b_name] = a, b
+    for _, _, a_name, b_name, _, a, b in _lora_sites(graph, adapter_dir, read_config(quantize_dir)):
+        values[a_name], values[b_name] = a, b
     for init in graph.initializer:
         if init.name in lora:
             old = numpy_helper.to_array(init)
-            if kind == "rank0":
-                new = np.zeros((old.shape[0], 0) if init.name.endswith("lora_A") else (0, old.shape[1]), old.dtype)
-            else:
-                new = values[init.name].astype(old.dtype)
-            init.CopyFrom(numpy_helper.from_array(new, init.name))
-    if kind == "constant":
-        kept = [i for i in graph.input if i.name not in lora]
-        del graph.input[:]
-        graph.input.extend(kept)
+            init.CopyFrom(numpy_helper.from_array(values[init.name].astype(old.dtype), init.name))
+    kept = [i for i in graph.input if i.name not in lora]
+    del graph.input[:]
+    graph.input.extend(kept)
     onnx.save(model, str(dst / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
               location="model.onnx.data", size_threshold=1024)
     return dst
@@ -192,13 +165,8 @@ def main() -> None:
     }
     if not (merged / "package" / target).is_dir():  # --phases without merged
         del variants["merged"]
-    variants["switchable_rank0_inactive"] = (lora_variant(
-        switchable / "package" / target, scratch / "rank0", "rank0", switchable / "finetune/adapter",
-        switchable / "quantize"), None)
-    variants["switchable_rank0_active"] = (variants["switchable_rank0_inactive"][0], adapter)
-    variants["constant_lora"] = (lora_variant(
-        switchable / "package" / target, scratch / "constant", "constant", switchable / "finetune/adapter",
-        switchable / "quantize"), None)
+    variants["constant_lora"] = (constant_lora(switchable / "package" / target, scratch / "constant",
+                                               switchable / "finetune/adapter", switchable / "quantize"), None)
     config = json.loads((switchable / "quantize/config.json").read_text())
     for name in ("plain", "plain_int4_head"):
         fitted = scratch / f"{name}_fitted"

@@ -36,14 +36,18 @@ def loaded_libraries() -> list[str]:
     return sorted(paths)
 
 
-def decode(og, folder: Path, use_adapter: bool, prompt: int, new: int, repeats: int) -> dict:
+def decode(folder: Path, adapter_file: Path | None, prompt: int, new: int, repeats: int) -> dict:
+    """Batch 1, ``prompt`` fixed prompt ids then ``new`` greedy tokens, ``adapter_file`` active if given; the
+    rate is the best of ``repeats`` runs after a warm-up, the tokens those of the last run. Also
+    bench/decode_modes.py's decode: it imports nothing but numpy and onnxruntime_genai."""
     import numpy as np
+    import onnxruntime_genai as og
 
     model = og.Model(str(folder))
     adapters = None
-    if use_adapter:
+    if adapter_file is not None:
         adapters = og.Adapters(model)
-        adapters.load(str(next(folder.glob("*.onnx_adapter"))), "a")
+        adapters.load(str(adapter_file), "a")
     ids = np.arange(100, 100 + prompt, dtype=np.int32)[None] % 1000 + 10
     rates, tokens = [], []
     for i in range(repeats + 1):
@@ -81,7 +85,8 @@ def main() -> None:
     for spec in args.variant:
         name, _, where = spec.partition("=")
         folder, _, flag = where.partition(":")
-        results[name] = decode(og, Path(folder), flag == "adapter", args.prompt, args.new, args.repeats)
+        adapter = next(Path(folder).glob("*.onnx_adapter")) if flag == "adapter" else None
+        results[name] = decode(Path(folder), adapter, args.prompt, args.new, args.repeats)
         print(name, results[name]["decode_tokens_per_s"], results[name]["runs"], flush=True)
     out = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

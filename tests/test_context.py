@@ -11,6 +11,7 @@ from tasks.errors import PipelineError
 
 from conftest import doit, executed
 
+
 def chat(project, prompt: str, max_new_tokens: int = 100) -> subprocess.CompletedProcess:
     """`python -m tasks chat --prompt` on the project's package."""
     return subprocess.run([sys.executable, "-m", "tasks", "chat", "--package", "build/tiny/package",
