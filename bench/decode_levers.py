@@ -52,12 +52,13 @@ def fix_context(folder: Path) -> int:
     import onnx
 
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
-    condition = next(n.input[0] for n in graph.node if n.op_type == "If" and set(n.output) == context_limit.ROTARY_CACHES)
-    # The bound of Greater(total length, bound): original_max_position_embeddings.
-    greater = next((n for n in graph.node if n.output and n.output[0] == condition), None)
-    bound = greater.input[1].rsplit("/", 1)[-1] if greater is not None else ""
-    if not context_limit.fold_context_switch(folder / "model.onnx"):
+    _, switch = context_limit._context_switch(graph)
+    if switch is None:
         raise SystemExit("no longrope If node producing cos_cache/sin_cache in this graph")
+    # The bound of Greater(total length, bound): original_max_position_embeddings.
+    greater = next((n for n in graph.node if n.output and n.output[0] == switch.input[0]), None)
+    bound = greater.input[1].rsplit("/", 1)[-1] if greater is not None else ""
+    context_limit.fold_context_switch(folder / "model.onnx")
     return int(bound) if bound.isdigit() else 0
 
 
