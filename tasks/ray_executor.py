@@ -1,13 +1,15 @@
 """Run one stale stage as a Ray task (config ``executor.kind = "ray"``).
 
 doit stays the front end: it decides what is stale and calls ``python -m tasks stage NAME`` for each
-stale stage, as it does locally. With the Ray executor that process becomes a small Ray driver: it
-submits one task with the stage's resources (GPU stages ``num_gpus``, CPU stages ``num_cpus``), and
-the task runs the very same ``python -m tasks stage NAME`` on whichever node Ray picks, in the project
-folder that every node mounts at the same path (shared storage). Outputs are staged and renamed there
-exactly as locally, so a node that dies mid-stage leaves nothing half-written behind.
+stale stage, as it does locally. With the Ray executor that process hands the stage to the doit run's
+Ray dispatcher (tasks/ray_dispatcher.py: one Ray driver per doit run, started by the first stage, so
+that neither doit nor the stage process imports Ray or joins the cluster). The dispatcher submits one
+task with the stage's resources (GPU stages ``num_gpus``, CPU stages ``num_cpus``), and the task runs
+the very same ``python -m tasks stage NAME`` on whichever node Ray picks, in the project folder that
+every node mounts at the same path (shared storage). Outputs are staged and renamed there exactly as
+locally, so a node that dies mid-stage leaves nothing half-written behind.
 
-What the node prints reaches this terminal through Ray's log forwarding. Before a node runs anything
+What the node prints streams back to this terminal (the task is a Ray streaming generator). Before a node runs anything
 it checks that it sees the project folder and that its installed packages equal the driver's (the
 lock's pins): mixing toolchains breaks reproducibility, so such a node refuses.
 
@@ -18,13 +20,16 @@ nothing is published, and the next ``doit`` rebuilds exactly the stages that did
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import platform
+import queue
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -113,37 +118,73 @@ def _feasible(options: dict, nodes: list[dict]) -> bool:
 
 # --- the task on the node -----------------------------------------------------------------------
 
+_NODE_FACTS: dict = {}  # per worker process: Ray reuses a job's workers, so each fact is looked up once
 
-def run_on_node(root: str, argv: list[str], driver_python: str, driver_toolchain: dict, extra_env: dict) -> dict:
-    """Body of the Ray task: refuse a node that cannot reproduce the build, else run the stage here."""
+
+def _node_facts(names: tuple[str, ...]) -> tuple[dict, dict]:
     import ray
 
-    node_id = ray.get_runtime_context().get_node_id()
-    # The address the node joined the cluster with (what `ray status` shows), not a guess from routes.
-    ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), ray.util.get_node_ip_address())
-    node = {"node_id": node_id, "ip": ip, "hostname": socket.gethostname()}
+    if "node" not in _NODE_FACTS:
+        node_id = ray.get_runtime_context().get_node_id()
+        # The address the node joined the cluster with (what `ray status` shows), not a guess from routes.
+        ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id),
+                  ray.util.get_node_ip_address())
+        # The job is the doit run's dispatcher (a worker serves one job only, so this can be kept too).
+        _NODE_FACTS["node"] = {"node_id": node_id, "ip": ip, "hostname": socket.gethostname(),
+                               "ray_job": ray.get_runtime_context().get_job_id()}
+    if names not in _NODE_FACTS:
+        _NODE_FACTS[names] = installed_versions(list(names))
+    return _NODE_FACTS["node"], _NODE_FACTS[names]
+
+
+def _pipe_reader(fd: int, stream: str, out: queue.Queue) -> None:
+    while chunk := os.read(fd, 65536):
+        out.put((stream, chunk))
+    out.put((stream, None))
+
+
+def run_on_node(root: str, argv: list[str], driver_python: str, driver_toolchain: dict, extra_env: dict):
+    """Body of the Ray task (a streaming generator): refuse a node that cannot reproduce the build,
+    else run the stage here, yielding what it prints as it prints it, then its result."""
+    node, versions = _node_facts(tuple(sorted(driver_toolchain)))
     where = f"node {node['ip']} ({node['hostname']}, id {node['node_id'][:12]})"
     if not (Path(root) / "dodo.py").is_file():
-        return {"refused": f"{where} does not see the project at {root}; mount the shared project folder at the "
-                           "same path on every node", "node": node}
+        yield {"refused": f"{where} does not see the project at {root}; mount the shared project folder at the "
+                          "same path on every node", "node": node}
+        return
     if platform.python_version() != driver_python:
-        return {"refused": f"{where} runs Python {platform.python_version()}, the driver {driver_python}; start "
-                           "every node from the project's image", "node": node}
-    differences = toolchain_differences(driver_toolchain, installed_versions(sorted(driver_toolchain)))
+        yield {"refused": f"{where} runs Python {platform.python_version()}, the driver {driver_python}; start "
+                          "every node from the project's image", "node": node}
+        return
+    differences = toolchain_differences(driver_toolchain, versions)
     if differences:
         more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
-        return {"refused": f"{where} has a different toolchain than the driver: {'; '.join(differences[:3])}{more}; "
-                           "start every node from the project's image (README: Scaling out) so that all run the "
-                           "same lock", "node": node}
-    print(f"{argv[3]}: running on {where}", flush=True)
+        yield {"refused": f"{where} has a different toolchain than the driver: {'; '.join(differences[:3])}{more}; "
+                          "start every node from the project's image (README: Scaling out) so that all run the "
+                          "same lock", "node": node}
+        return
+    yield {"out": f"{argv[3]}: running on {where}\n", "stream": "stdout"}
     env = {**os.environ, **extra_env, NODE_ENV: json.dumps(node, sort_keys=True)}
     start = time.monotonic()
     # The node's own interpreter (the image's), not the driver's path to one.
-    proc = subprocess.run([sys.executable, *argv], cwd=root, env=env, preexec_fn=die_with_parent)
-    return {"returncode": proc.returncode, "node": node, "seconds": round(time.monotonic() - start, 2)}
+    proc = subprocess.Popen([sys.executable, *argv], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=die_with_parent)
+    chunks: queue.Queue = queue.Queue()
+    for pipe, stream in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
+        threading.Thread(target=_pipe_reader, args=(pipe.fileno(), stream, chunks), daemon=True).start()
+    decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in ("stdout", "stderr")}
+    open_pipes = 2
+    while open_pipes:
+        stream, chunk = chunks.get()
+        if chunk is None:
+            open_pipes -= 1
+            continue
+        yield {"out": decoders[stream].decode(chunk), "stream": stream}
+    returncode = proc.wait()
+    yield {"returncode": returncode, "node": node, "seconds": round(time.monotonic() - start, 2)}
 
 
-# --- the driver side ----------------------------------------------------------------------------
+# --- the driver side: the stage process doit runs ---------------------------------------------------
 
 def _head_reachable(address: str) -> bool:
     host, _, port = address.rpartition(":")
@@ -165,42 +206,83 @@ def _driver_toolchain(root: Path) -> dict[str, str | None]:
 _PASS_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PYTHONHASHSEED", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")
 
 
+def _connect_dispatcher(cfg: PipelineConfig, paths: Paths) -> socket.socket:
+    """A connection to this doit run's dispatcher (tasks/ray_dispatcher.py), started here if it is not
+    running yet. Stages that doit starts side by side take a file lock, so that one dispatcher starts."""
+    import fcntl
+
+    from tasks.ray_dispatcher import READY, socket_path
+
+    address = cfg.executor.address
+    path = socket_path(address, os.getppid())  # doit runs this process directly: its parent is doit
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(str(path))
+            return conn
+        except (FileNotFoundError, ConnectionRefusedError):
+            path.unlink(missing_ok=True)  # left by a dispatcher that was killed
+        env = dict(os.environ)
+        # Our own head watchdog reports a lost head; keep Ray from killing the dispatcher first.
+        env.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(int(cfg.executor.head_timeout_s) + 60))
+        log = paths.log("ray-dispatcher")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as sink:  # Ray's own warnings go to the log; stdout carries READY or one error
+            proc = subprocess.Popen([sys.executable, "-m", "tasks.ray_dispatcher", "--address", address,
+                                     "--doit-pid", str(os.getppid()), "--socket", str(path)],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=sink, env=env,
+                                    start_new_session=True, text=True)
+        lines = []
+        while (line := proc.stdout.readline()) and line.strip() != READY and not line.startswith("error: "):
+            lines.append(line.strip())
+        proc.stdout.close()
+        if line.strip() != READY:
+            proc.wait()
+            if line.startswith("error: "):
+                raise PipelineError(line.strip().removeprefix("error: "))
+            raise PipelineError(f"the Ray dispatcher did not start (exit {proc.returncode}); see {log}")
+        conn.connect(str(path))
+        return conn
+
+
 def dispatch(name: str, cfg: PipelineConfig, paths: Paths, stage_argv: list[str]) -> None:
     """Run ``python -m tasks stage NAME ...`` for ``name`` as a Ray task; return when it published,
     raise PipelineError (one line, node named) when it did not."""
     dispatch_started = time.monotonic()
     check_placement_names(cfg)
     address = cfg.executor.address
-    # Our own head watchdog reports a lost head; keep Ray from killing this process first.
-    os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(int(cfg.executor.head_timeout_s) + 60))
-    if not sys.stderr.isatty():
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if not _head_reachable(address):
         raise PipelineError(f"cannot reach the Ray head at {address}; start it (`ray start --head --port PORT`) "
                             "or fix executor.address")
-    import ray
-
-    try:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=True, logging_level="WARNING",
-                 configure_logging=True)
-    except Exception as exc:  # ray raises ConnectionError, RuntimeError or its own types here
-        raise PipelineError(f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
-    options = stage_resources(name, cfg)
-    if not _feasible(options, ray.nodes()):
-        raise PipelineError(f"no live node of the cluster at {address} offers what stage {name} asks for "
-                            f"({json.dumps(options, sort_keys=True)}); start a node with those resources or change "
-                            "executor.placement / build.device")
-    remote = ray.remote(run_on_node).options(name=name, max_retries=cfg.executor.retries, retry_exceptions=False,
-                                             **options)
-    extra_env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
-    ref = remote.remote(str(paths.root), stage_argv, platform.python_version(), _driver_toolchain(paths.root),
-                        extra_env)
-    unreachable_since = None
-    try:
-        while True:
-            done, _ = ray.wait([ref], timeout=1.0)
-            if done:
-                break
+    conn = _connect_dispatcher(cfg, paths)
+    request = {"name": name, "root": str(paths.root), "argv": stage_argv, "options": stage_resources(name, cfg),
+               "retries": cfg.executor.retries, "env": {k: os.environ[k] for k in _PASS_ENV if k in os.environ}}
+    conn.sendall((json.dumps(request) + "\n").encode())
+    conn.settimeout(1.0)
+    buffer, result, unreachable_since = b"", None, None
+    with conn:
+        while result is None:
+            try:
+                data = conn.recv(65536)
+            except TimeoutError:
+                data = None
+            if data == b"":
+                raise PipelineError(f"the Ray dispatcher stopped while {name} ran; nothing of {name} was published; "
+                                    f"see {paths.log('ray-dispatcher')}, then run doit again")
+            if data:
+                buffer += data
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    message = json.loads(line)
+                    if "out" in message:
+                        out = sys.stdout if message["stream"] == "stdout" else sys.stderr
+                        out.write(message["out"])
+                        out.flush()
+                    else:
+                        result = message
+                continue
             if _head_reachable(address):
                 unreachable_since = None
             elif unreachable_since is None:
@@ -209,26 +291,17 @@ def dispatch(name: str, cfg: PipelineConfig, paths: Paths, stage_argv: list[str]
                 print(f"error: lost the Ray head at {address} while {name} ran (unreachable for "
                       f"{cfg.executor.head_timeout_s:.0f} s); nothing of {name} was published; restart the head "
                       "and its nodes, then run doit again (finished stages are kept)", file=sys.stderr, flush=True)
-                os._exit(3)  # ray.shutdown() would wait on the dead head
-        result = ray.get(ref)
-    except KeyboardInterrupt:
-        ray.cancel(ref, force=True)
-        raise
-    except ray.exceptions.RayError as exc:
-        raise PipelineError(f"stage {name} failed on the cluster: {_ray_failure(exc)}; nothing of it was published; "
-                            "run doit again to rebuild it (finished stages are kept)") from None
-    finally:
-        time.sleep(0.3)  # let the log forwarder print the node's last lines
+                os._exit(3)
+    if "error" in result:
+        raise PipelineError(result["error"])
     if "refused" in result:
         raise PipelineError(result["refused"])
     if result["returncode"]:
         raise PipelineError(f"stage {name} failed on node {result['node']['ip']} ({result['node']['hostname']}); "
                             f"its error is above, its log in {paths.log(name)}")
     total = time.monotonic() - dispatch_started
-    print(f"{name}: {total:.1f}s on the cluster, {result['seconds']:.1f}s of it the stage on node "
-          f"{result['node']['ip']} ({total - result['seconds']:.1f}s joining, scheduling, starting)", file=sys.stderr,
-          flush=True)
-    ray.shutdown()
+    print(f"{name}: {total:.2f}s on the cluster, {result['seconds']:.2f}s of it the stage on node "
+          f"{result['node']['ip']} ({total - result['seconds']:.2f}s dispatching)", file=sys.stderr, flush=True)
 
 
 def _ray_failure(exc: Exception) -> str:

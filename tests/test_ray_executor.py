@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tasks.manifest import sha256_file
-from tests.conftest import copy_project, doit, make_project
+from tests.conftest import copy_project, doit
 from tools.ray_cluster import LoopbackCluster, loopback_namespace_available
 from tools.harness import write_dataset
 
@@ -97,20 +97,25 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def cluster_build(cluster, tmp_path_factory):
-    build = ClusterBuild(cluster, make_project(tmp_path_factory.mktemp("ray") / "project"))
+def cluster_build(cluster, built_project, tmp_path_factory):
+    """The session's tiny build plus two datasets, built on the cluster: the two new adapters' finetunes
+    are independent, so Ray runs them side by side on the two nodes. (Every stage goes through the same
+    dispatch; the default stages were built locally once for the whole session, which saved CI minutes.)"""
+    build = ClusterBuild(cluster, copy_project(built_project, tmp_path_factory.mktemp("ray") / "project"))
     build.first = build.doit()
     return build
 
 
 @needs_namespace
 def test_three_adapters_build_on_two_nodes_with_the_same_bytes_as_a_local_build(cluster_build, built_project, tmp_path):
-    assert set(ran(cluster_build.first)) == {"check", "base", "quantize", "finetune", "finetune_support", "finetune_hotels",
-                                             "export", "adapter_support", "adapter_hotels", "evaluate"}
+    assert set(ran(cluster_build.first)) == {"check", "finetune_support", "finetune_hotels", "adapter_support",
+                                             "adapter_hotels", "evaluate"}
     assert "running on node 127.0.0.1" in cluster_build.first.stdout  # the nodes' output reached this terminal
-    stages = sorted(stage_digests(cluster_build.project))
-    nodes = {built_on(cluster_build.project, s if s != "package" else "evaluate")["node_id"] for s in stages}
+    stages = set(ran(cluster_build.first)) - {"check"}
+    nodes = {built_on(cluster_build.project, s)["node_id"] for s in stages}
     assert len(nodes) == 2  # independent stages ran on both nodes
+    # one doit run is one Ray job: its dispatcher joined the cluster once for all of its stages
+    assert len({built_on(cluster_build.project, s)["ray_job"] for s in stages}) == 1
 
     local = copy_project(built_project, tmp_path / "local")
     doit(local, *adapter_args(local))
@@ -129,6 +134,23 @@ def test_changed_dataset_rebuilds_only_its_adapter_on_the_cluster(cluster_build)
     after = stage_digests(cluster_build.project)
     assert {s for s in after if after[s] != before[s]} == {"finetune_hotels", "adapter_hotels", "package"}
     assert "node_id" in built_on(cluster_build.project, "finetune_hotels")
+    assert built_on(cluster_build.project, "finetune_hotels")["ray_job"] != \
+        built_on(cluster_build.project, "finetune_support")["ray_job"]  # a new doit run, a new dispatcher
+
+
+@needs_namespace
+def test_the_dispatcher_leaves_with_its_doit_run(cluster, cluster_build):
+    # every doit above has returned: its dispatcher (one Ray driver per doit run) saw doit go and left,
+    # removing its socket
+    deadline = time.monotonic() + 15
+    pattern = f"tasks.ray_dispatcher --address {cluster.address} "
+    while subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "a Ray dispatcher outlived its doit run"
+        time.sleep(0.5)
+    from tasks.ray_dispatcher import socket_path
+
+    ours = socket_path(cluster.address, 0)  # named <doit pid>-<address key>.sock
+    assert not list(ours.parent.glob("*-" + ours.name.partition("-")[2]))
 
 
 @needs_namespace
