@@ -108,8 +108,7 @@ class Dispatcher:
                 send({"error": f"stage {name} failed on the cluster: {_ray_failure(exc)}; nothing of it was "
                                "published; run doit again to rebuild it (finished stages are kept)"})
         finally:
-            done.set()
-            cancelled.set()  # ends the watcher
+            cancelled.set()  # ends the watcher, which cancels the task unless it finished (a client gone mid-stage)
 
     @staticmethod
     def _cancel_when(cancelled: threading.Event, done: threading.Event, stream) -> None:

@@ -188,6 +188,40 @@ def test_node_killed_mid_finetune_fails_the_build_and_the_next_run_redoes_only_t
 
 
 @needs_namespace
+def test_a_stage_process_killed_mid_stage_cancels_its_task_on_the_node(cluster_build):
+    project = cluster_build.project
+    data = project / "data/support_qa.jsonl"
+    original = data.read_text()
+    data.write_text(original.replace(" desk ", " counter "))
+    before = stage_digests(project)
+    log = project / "build/tiny/logs/finetune_support.log"
+    started = time.time()
+    proc = cluster_build.cluster.popen(cluster_build.command(), cwd=project, env=cluster_build.env(),
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (log.is_file() and log.stat().st_mtime > started and "building into" in log.read_text()):
+            assert proc.poll() is None and time.time() < deadline, "finetune_support never started"
+            time.sleep(0.2)
+        # doit's own child for the stage (the node runs a process with the same command line)
+        client = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "tasks stage finetune_support"],
+                                capture_output=True, text=True).stdout.split()
+        assert len(client) == 1, client
+        os.kill(int(client[0]), signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    deadline = time.monotonic() + 30  # the dispatcher cancels the task: the node's stage process goes too
+    while subprocess.run(["pgrep", "-f", "tasks stage finetune_support"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "the stage kept running on its node after its doit process was killed"
+        time.sleep(0.5)
+    assert stage_digests(project) == before
+    data.write_text(original)  # as the last good build had it: nothing is stale for the tests after this one
+
+
+@needs_namespace
 def test_node_with_another_toolchain_is_refused(cluster, cluster_build, tmp_path):
     alt = tmp_path / "alt"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(alt),
