@@ -216,6 +216,10 @@ def _connect_dispatcher(cfg: PipelineConfig, paths: Paths) -> socket.socket:
     address = cfg.executor.address
     path = socket_path(address, os.getppid())  # doit runs this process directly: its parent is doit
     path.parent.mkdir(mode=0o700, exist_ok=True)
+    owner = path.parent.stat()
+    if owner.st_uid != os.getuid() or owner.st_mode & 0o077:  # another user's folder: their socket could answer
+        raise PipelineError(f"{path.parent} belongs to another user or is open to others; remove it (it only "
+                            "holds the Ray dispatcher's socket) and run doit again")
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tasks.manifest import sha256_file
-from tests.conftest import copy_project, doit
+from tests.conftest import copy_project, doit, make_project
 from tools.ray_cluster import LoopbackCluster, loopback_namespace_available
 from tools.harness import write_dataset
 
@@ -305,3 +306,24 @@ def test_placement_of_an_unknown_stage_is_refused_before_anything_runs(built_pro
     assert result.returncode != 0
     assert re.search(r"error: executor\.placement names finetun, which is no stage of this build; stages: base, "
                      r"evaluate, export, finetune, quantize", result.stderr), result.stderr[-2000:]
+
+
+def test_a_dispatcher_folder_open_to_other_users_is_refused(tmp_path):
+    # The dispatcher's socket folder must be this user's own and closed to others: a socket planted by
+    # someone else would receive the stage requests.
+    project = make_project(tmp_path / "project")
+    shared_tmp = tmp_path / "tmp"
+    folder = shared_tmp / f"ondevice-llm-ray-{os.getuid()}"
+    folder.mkdir(parents=True)
+    folder.chmod(0o777)
+    with socket.socket() as head:  # something listening where the head should be
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        result = subprocess.run([sys.executable, "-m", "tasks", "stage", "base", "--set", "executor.kind=ray",
+                                 "--set", f"executor.address=127.0.0.1:{head.getsockname()[1]}"],
+                                cwd=project, capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "TMPDIR": str(shared_tmp)})
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"error: {folder} belongs to another user or is open to others; remove it (it " \
+        "only holds the Ray dispatcher's socket) and run doit again", result.stderr
+    assert not list(folder.iterdir())

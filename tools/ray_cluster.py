@@ -68,7 +68,7 @@ class LoopbackCluster:
                                f"--temp-dir={self.temp}"], cpus, None)
 
     def add_node(self, name: str, cpus: int = 1, env: dict | None = None) -> None:
-        # Its own temp dir: nodes sharing one would each forward the other's logs (lines twice).
+        # Its own temp dir: each node's session files and logs stay in a folder of its own.
         self._ray_start(name, [f"--address={self.address}", f"--temp-dir={self.temp / name}"], cpus, env)
         # Wait until the head lists the node as alive, so that a stage placed on it is feasible.
         for _ in range(100):
