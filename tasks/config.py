@@ -529,7 +529,8 @@ class ExecutorSection(Section):
     memory_gb: OptionalFloat = Field(None, gt=0)
     """Ray memory reservation per stage, if the cluster should not pack stages past its RAM."""
     retries: Int = Field(0, ge=0, le=10)
-    """Ray max_retries of a stage whose worker or node died (0: the build stops and says which node)."""
+    """How many times a stage whose worker or node died runs again, as a new Ray task (0: the build stops and
+    says which node)."""
     head_timeout_s: Annotated[Float, at_most(86_400, "a day; a lost head is not coming back")] = Field(30, gt=0)
     """How long the head may stay unreachable while a stage runs before the build stops and says so."""
     placement: dict[str, dict[str, Float]] = {}

@@ -6,8 +6,8 @@ socket, to run the stage: the first stage of a doit run starts the dispatcher, w
 once (``ray.init``), and every later stage of the same run reuses that connection and the job's warm
 worker processes. Ray never enters doit's own process.
 
-The dispatcher lives as long as the doit process that started it (it polls that pid) and exits when
-it goes, or after ``IDLE_EXIT_S`` without a request. Its socket is named after doit's pid and the
+The dispatcher lives as long as the doit process whose stages it serves (it polls that pid: the
+parent of the stage process that started it) and exits when it goes. Its socket is named after doit's pid and the
 cluster address, in a private folder of the temp directory, and removed when it exits.
 
 Protocol (one JSON object per line): the stage process sends its request; the dispatcher answers
@@ -19,6 +19,7 @@ closes its connection, and the dispatcher cancels that stage's Ray task.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -29,7 +30,6 @@ import threading
 import time
 from pathlib import Path
 
-IDLE_EXIT_S = 600.0
 READY = "ready"
 
 
@@ -55,8 +55,6 @@ class Dispatcher:
     def __init__(self, address: str):
         self.address = address
         self.toolchains: dict[str, dict] = {}
-        self.active = 0
-        self.last_request = time.monotonic()
         self.lock = threading.Lock()
 
     def toolchain(self, root: str) -> dict:
@@ -68,12 +66,13 @@ class Dispatcher:
             return self.toolchains[root]
 
     def run(self, request: dict, send, cancelled: threading.Event) -> None:
-        import platform
-
+        """Run one stage; on a node or worker that dies, run it again up to ``retries`` times. (The retry is
+        ours, not Ray's: Ray retries a streaming generator by skipping the items it already returned, which
+        for a stage's output, chunked differently every run, would splice two runs' text.)"""
         import ray
 
         from tasks.errors import PipelineError
-        from tasks.ray_executor import _feasible, _ray_failure, run_on_node
+        from tasks.ray_executor import _feasible, _ray_failure
 
         name, options = request["name"], request["options"]
         try:
@@ -81,34 +80,52 @@ class Dispatcher:
         except PipelineError as exc:
             send({"error": str(exc)})
             return
-        if not _feasible(options, ray.nodes()):
-            send({"error": f"no live node of the cluster at {self.address} offers what stage {name} asks for "
-                           f"({json.dumps(options, sort_keys=True)}); start a node with those resources or change "
-                           "executor.placement / build.device"})
+        attempts = request["retries"] + 1
+        for attempt in range(1, attempts + 1):
+            if not _feasible(options, ray.nodes()):
+                send({"error": f"no live node of the cluster at {self.address} offers what stage {name} asks for "
+                               f"({json.dumps(options, sort_keys=True)}); start a node with those resources or "
+                               "change executor.placement / build.device"})
+                return
+            failure = self._attempt(request, toolchain, send, cancelled)
+            if failure is None or cancelled.is_set():
+                return
+            if attempt < attempts and not isinstance(failure, (ray.exceptions.RayTaskError,
+                                                                ray.exceptions.TaskCancelledError)):
+                send({"out": f"{name}: {_ray_failure(failure)}; running it again (attempt {attempt + 1} of "
+                             f"{attempts})\n", "stream": "stderr"})
+                continue
+            send({"error": f"stage {name} failed on the cluster: {_ray_failure(failure)}; nothing of it was "
+                           "published; run doit again to rebuild it (finished stages are kept)"})
             return
-        remote = ray.remote(run_on_node).options(name=name, max_retries=request["retries"], retry_exceptions=False,
-                                                 **options)
+
+    def _attempt(self, request: dict, toolchain: dict, send, cancelled: threading.Event):
+        """One Ray task for the stage; None when its result was sent, else the Ray error that ended it."""
+        import platform
+
+        import ray
+
+        from tasks.ray_executor import run_on_node
+
+        remote = ray.remote(run_on_node).options(name=request["name"], max_retries=0, **request["options"])
         stream = remote.remote(request["root"], request["argv"], platform.python_version(), toolchain,
                                request["env"])
         done = threading.Event()
         threading.Thread(target=self._cancel_when, args=(cancelled, done, stream), daemon=True).start()
+        final = None
         try:
-            final = None
             for ref in stream:
                 item = ray.get(ref)
                 if "refused" in item or "returncode" in item:
                     final = item
                 else:
                     send(item)
-            # The task has returned (its worker is free for the next stage) before the stage hears back.
-            done.set()
-            send(final or {"error": f"stage {name} ended on the cluster without a result; run doit again"})
         except ray.exceptions.RayError as exc:
-            if not cancelled.is_set():
-                send({"error": f"stage {name} failed on the cluster: {_ray_failure(exc)}; nothing of it was "
-                               "published; run doit again to rebuild it (finished stages are kept)"})
-        finally:
-            cancelled.set()  # ends the watcher, which cancels the task unless it finished (a client gone mid-stage)
+            return exc
+        # The task has returned (its worker is free for the next stage) before the stage hears back.
+        done.set()
+        send(final or {"error": f"stage {request['name']} ended on the cluster without a result; run doit again"})
+        return None
 
     @staticmethod
     def _cancel_when(cancelled: threading.Event, done: threading.Event, stream) -> None:
@@ -144,16 +161,18 @@ def _handler(dispatcher: Dispatcher):
                 cancelled.set()
 
             threading.Thread(target=watch_client, daemon=True).start()
-            with dispatcher.lock:
-                dispatcher.active += 1
             try:
                 dispatcher.run(request, send, cancelled)
             except (BrokenPipeError, ConnectionResetError):
-                cancelled.set()
+                pass  # the stage process is gone; `cancelled` (set below) cancels its task
+            except Exception as exc:  # a bug or a Ray call failing here: the stage gets one line, not a hang
+                from tasks.runner import one_line
+
+                with contextlib.suppress(OSError):
+                    send({"error": f"the Ray dispatcher failed while running {request.get('name')}: "
+                                   f"{one_line(exc)}; nothing of it was published; run doit again"})
             finally:
-                with dispatcher.lock:
-                    dispatcher.active -= 1
-                    dispatcher.last_request = time.monotonic()
+                cancelled.set()
     return Handler
 
 
@@ -180,10 +199,6 @@ def serve(address: str, doit_pid: int, path: Path) -> int:
         os.dup2(2, 1)
         while _alive(doit_pid):
             time.sleep(0.5)
-            with dispatcher.lock:
-                idle = not dispatcher.active and time.monotonic() - dispatcher.last_request > IDLE_EXIT_S
-            if idle:
-                break
     finally:
         path.unlink(missing_ok=True)
         path.with_suffix(".lock").unlink(missing_ok=True)  # doit is gone: no stage of its run can be waiting on it

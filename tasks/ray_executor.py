@@ -26,7 +26,10 @@ import os
 import platform
 import queue
 import re
+import select
+import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -173,13 +176,25 @@ def run_on_node(root: str, argv: list[str], driver_python: str, driver_toolchain
     for pipe, stream in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
         threading.Thread(target=_pipe_reader, args=(pipe.fileno(), stream, chunks), daemon=True).start()
     decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in ("stdout", "stderr")}
-    open_pipes = 2
+    open_pipes, drain_until = 2, None
     while open_pipes:
-        stream, chunk = chunks.get()
+        if drain_until is None and proc.poll() is not None:
+            # A process the stage left behind could hold its pipes open: it must not hold the task too.
+            drain_until = time.monotonic() + 5
+        wait = 0.5 if drain_until is None else drain_until - time.monotonic()
+        if wait <= 0:
+            break
+        try:
+            stream, chunk = chunks.get(timeout=wait)
+        except queue.Empty:
+            continue
         if chunk is None:
             open_pipes -= 1
             continue
         yield {"out": decoders[stream].decode(chunk), "stream": stream}
+    for stream, decoder in decoders.items():
+        if tail := decoder.decode(b"", final=True):  # a character cut at the very end
+            yield {"out": tail, "stream": stream}
     returncode = proc.wait()
     yield {"returncode": returncode, "node": node, "seconds": round(time.monotonic() - start, 2)}
 
@@ -216,11 +231,13 @@ def _connect_dispatcher(cfg: PipelineConfig, paths: Paths) -> socket.socket:
     address = cfg.executor.address
     path = socket_path(address, os.getppid())  # doit runs this process directly: its parent is doit
     path.parent.mkdir(mode=0o700, exist_ok=True)
-    owner = path.parent.stat()
-    if owner.st_uid != os.getuid() or owner.st_mode & 0o077:  # another user's folder: their socket could answer
+    owner = os.lstat(path.parent)  # not followed: a link to a folder of ours must not pass for it
+    if not stat.S_ISDIR(owner.st_mode) or owner.st_uid != os.getuid() or owner.st_mode & 0o077:
+        # another user's folder (or a link planted there): their socket could answer our stages
         raise PipelineError(f"{path.parent} belongs to another user or is open to others; remove it (it only "
                             "holds the Ray dispatcher's socket) and run doit again")
-    with open(path.with_suffix(".lock"), "w") as lock:
+    fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -238,9 +255,17 @@ def _connect_dispatcher(cfg: PipelineConfig, paths: Paths) -> socket.socket:
                                      "--doit-pid", str(os.getppid()), "--socket", str(path)],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=sink, env=env,
                                     start_new_session=True, text=True)
-        lines = []
-        while (line := proc.stdout.readline()) and line.strip() != READY and not line.startswith("error: "):
-            lines.append(line.strip())
+        limit = 60 + cfg.executor.head_timeout_s
+        deadline, line = time.monotonic() + limit, ""
+        while line.strip() != READY and not line.startswith("error: "):
+            if not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: the dispatcher and nothing else
+                proc.wait()
+                raise PipelineError(f"the Ray dispatcher did not join the cluster at {address} within {limit:.0f} s; "
+                                    f"see {log}")
+            line = proc.stdout.readline()
+            if not line:
+                break
         proc.stdout.close()
         if line.strip() != READY:
             proc.wait()
@@ -249,6 +274,31 @@ def _connect_dispatcher(cfg: PipelineConfig, paths: Paths) -> socket.socket:
             raise PipelineError(f"the Ray dispatcher did not start (exit {proc.returncode}); see {log}")
         conn.connect(str(path))
         return conn
+
+
+class _Relay:
+    """What the node prints, written to this process's stdout and stderr in whole lines: stages that doit
+    runs side by side then interleave line by line, as local stages do, never inside a line."""
+
+    def __init__(self):
+        self.pending = {"stdout": "", "stderr": ""}
+
+    def write(self, stream: str, text: str) -> None:
+        done, newline, self.pending[stream] = (self.pending[stream] + text).rpartition("\n")
+        if newline:
+            self._emit(stream, done + newline)
+
+    def flush(self) -> None:
+        for stream, text in self.pending.items():
+            if text:
+                self._emit(stream, text + "\n")
+            self.pending[stream] = ""
+
+    @staticmethod
+    def _emit(stream: str, text: str) -> None:
+        out = sys.stdout if stream == "stdout" else sys.stderr
+        out.write(text)
+        out.flush()
 
 
 def dispatch(name: str, cfg: PipelineConfig, paths: Paths, stage_argv: list[str]) -> None:
@@ -265,7 +315,7 @@ def dispatch(name: str, cfg: PipelineConfig, paths: Paths, stage_argv: list[str]
                "retries": cfg.executor.retries, "env": {k: os.environ[k] for k in _PASS_ENV if k in os.environ}}
     conn.sendall((json.dumps(request) + "\n").encode())
     conn.settimeout(1.0)
-    buffer, result, unreachable_since = b"", None, None
+    buffer, result, unreachable_since, relay = b"", None, None, _Relay()
     with conn:
         while result is None:
             try:
@@ -273,6 +323,7 @@ def dispatch(name: str, cfg: PipelineConfig, paths: Paths, stage_argv: list[str]
             except TimeoutError:
                 data = None
             if data == b"":
+                relay.flush()
                 raise PipelineError(f"the Ray dispatcher stopped while {name} ran; nothing of {name} was published; "
                                     f"see {paths.log('ray-dispatcher')}, then run doit again")
             if data:
@@ -281,9 +332,7 @@ def dispatch(name: str, cfg: PipelineConfig, paths: Paths, stage_argv: list[str]
                 for line in lines:
                     message = json.loads(line)
                     if "out" in message:
-                        out = sys.stdout if message["stream"] == "stdout" else sys.stderr
-                        out.write(message["out"])
-                        out.flush()
+                        relay.write(message["stream"], message["out"])
                     else:
                         result = message
                 continue
@@ -292,10 +341,12 @@ def dispatch(name: str, cfg: PipelineConfig, paths: Paths, stage_argv: list[str]
             elif unreachable_since is None:
                 unreachable_since = time.monotonic()
             elif time.monotonic() - unreachable_since > cfg.executor.head_timeout_s:
+                relay.flush()
                 print(f"error: lost the Ray head at {address} while {name} ran (unreachable for "
                       f"{cfg.executor.head_timeout_s:.0f} s); nothing of {name} was published; restart the head "
                       "and its nodes, then run doit again (finished stages are kept)", file=sys.stderr, flush=True)
                 os._exit(3)
+    relay.flush()
     if "error" in result:
         raise PipelineError(result["error"])
     if "refused" in result:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -188,38 +189,76 @@ def test_node_killed_mid_finetune_fails_the_build_and_the_next_run_redoes_only_t
     assert not list((project / "build/tiny/.staging").glob("finetune_support*"))
 
 
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
 @needs_namespace
-def test_a_stage_process_killed_mid_stage_cancels_its_task_on_the_node(cluster_build):
+def test_a_stage_whose_worker_dies_runs_again_as_a_new_task_with_executor_retries(cluster_build):
     project = cluster_build.project
     data = project / "data/support_qa.jsonl"
-    original = data.read_text()
-    data.write_text(original.replace(" desk ", " counter "))
+    data.write_text(data.read_text().replace(" desk ", " kiosk "))
     before = stage_digests(project)
     log = project / "build/tiny/logs/finetune_support.log"
     started = time.time()
-    proc = cluster_build.cluster.popen(cluster_build.command(), cwd=project, env=cluster_build.env(),
+    proc = cluster_build.cluster.popen(cluster_build.command("executor.retries=1"), cwd=project, env=cluster_build.env(),
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
         while not (log.is_file() and log.stat().st_mtime > started and "building into" in log.read_text()):
             assert proc.poll() is None and time.time() < deadline, "finetune_support never started"
             time.sleep(0.2)
-        # doit's own child for the stage (the node runs a process with the same command line)
-        client = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "tasks stage finetune_support"],
-                                capture_output=True, text=True).stdout.split()
-        assert len(client) == 1, client
-        os.kill(int(client[0]), signal.SIGKILL)
-        output, _ = proc.communicate(timeout=300)
+        stages = subprocess.run(["pgrep", "-f", "tasks stage finetune_support"], capture_output=True, text=True)
+        on_node = [int(p) for p in stages.stdout.split() if _parent(int(p)) != proc.pid]
+        assert len(on_node) == 1, stages.stdout
+        os.kill(_parent(on_node[0]), signal.SIGKILL)  # the Ray worker running the stage's task
+        output, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0
-    deadline = time.monotonic() + 30  # the dispatcher cancels the task: the node's stage process goes too
-    while subprocess.run(["pgrep", "-f", "tasks stage finetune_support"], capture_output=True).returncode == 0:
-        assert time.monotonic() < deadline, "the stage kept running on its node after its doit process was killed"
-        time.sleep(0.5)
+    assert proc.returncode == 0, output[-3000:]
+    assert re.search(r"finetune_support: its worker process died.*; running it again \(attempt 2 of 2\)", output), \
+        output[-3000:]
+    assert output.count("finetune_support: running on node") == 2
+    after = stage_digests(project)
+    assert after["finetune_support"] != before["finetune_support"] and after["finetune"] == before["finetune"]
+
+
+@needs_namespace
+def test_a_stage_process_killed_mid_stage_cancels_its_task_on_the_node(cluster, cluster_build):
+    project = cluster_build.project
+    before = stage_digests(project)
+    log = project / "build/tiny/logs/finetune_support.log"
+    started = time.time()
+    stage = [sys.executable, "-m", "tasks", "stage", "finetune_support",
+             *(a for setting in cluster_build.settings for a in ("--set", setting))]
+    # A parent that outlives the stage, in doit's place, keeps the dispatcher up: only the dispatcher's
+    # cancel can stop the stage on the node (a dispatcher that leaves ends its Ray job, which would too).
+    shell = cluster.popen(["sh", "-c", shlex.join(stage) + "; exec sleep 600"], cwd=project, env=cluster_build.env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    dispatcher = ["pgrep", "-f", f"tasks.ray_dispatcher --address {cluster.address} --doit-pid {shell.pid} "]
+    try:
+        deadline = time.time() + 300
+        while not (log.is_file() and log.stat().st_mtime > started and "building into" in log.read_text()):
+            assert shell.poll() is None and time.time() < deadline, "finetune_support never started"
+            time.sleep(0.2)
+        client = subprocess.run(["pgrep", "-P", str(shell.pid), "-f", "tasks stage finetune_support"],
+                                capture_output=True, text=True).stdout.split()
+        assert len(client) == 1, client  # the node runs a process with the same command line
+        os.kill(int(client[0]), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while subprocess.run(["pgrep", "-f", "tasks stage finetune_support"], capture_output=True).returncode == 0:
+            assert time.monotonic() < deadline, "the stage kept running on its node after its stage process was killed"
+            time.sleep(0.5)
+        assert subprocess.run(dispatcher, capture_output=True).returncode == 0  # still serving its parent's run
+    finally:
+        os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait()
     assert stage_digests(project) == before
-    data.write_text(original)  # as the last good build had it: nothing is stale for the tests after this one
+    deadline = time.monotonic() + 15
+    while subprocess.run(dispatcher, capture_output=True).returncode == 0:  # its parent is gone: it leaves
+        assert time.monotonic() < deadline, "the dispatcher outlived the process it served"
+        time.sleep(0.5)
 
 
 @needs_namespace
