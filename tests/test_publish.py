@@ -31,9 +31,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` on loopback with a SQLite backend and a local artifact root, as a team would run it."""
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_started(tmp_path_factory):
+    """`mlflow server` on loopback with a SQLite backend and a local artifact root, as a team would run it.
+    Started first (autouse) and waited for only in mlflow_server, so that its ~20 s start overlaps the
+    session's tiny build instead of following it."""
     root = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
     log = open(root / "server.log", "w")
@@ -41,7 +43,15 @@ def mlflow_server(tmp_path_factory):
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
         cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+    yield {"uri": f"http://127.0.0.1:{port}", "root": root, "proc": proc}
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_started):
+    uri, root, proc = mlflow_started["uri"], mlflow_started["root"], mlflow_started["proc"]
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -54,10 +64,7 @@ def mlflow_server(tmp_path_factory):
             proc.kill()
             raise AssertionError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
         time.sleep(0.5)
-    yield {"uri": uri, "root": root}
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-    log.close()
+    return {"uri": uri, "root": root}
 
 
 def publish_args(server: dict, name: str) -> list[str]:
