@@ -10,7 +10,8 @@ eight adapters and evaluates the package (8 finetune_* + 8 adapter_* + evaluate 
   ray      doit executor.kind=ray    (a 2-node cluster on this machine, 1 CPU each, in a loopback-only
                                       network namespace: needs root; see tools/ray_cluster.py)
 and, for the Ray run, each stage's dispatch overhead: the stage's time on the cluster minus the
-stage process's own time on the node (joining the cluster, scheduling, starting a worker).
+stage process's own time on the node (reaching the doit run's dispatcher, scheduling, and for the
+first stage on a node starting the dispatcher and a worker).
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from tasks.workspace_lock import pid_alive
+
 READY = "ready"
 
 
@@ -37,16 +39,6 @@ def socket_path(address: str, doit_pid: int) -> Path:
     """Where the dispatcher of this doit run and cluster listens (short: Unix socket paths must fit 107 bytes)."""
     key = hashlib.sha256(address.encode()).hexdigest()[:10]
     return Path(tempfile.gettempdir()) / f"ondevice-llm-ray-{os.getuid()}" / f"{doit_pid}-{key}.sock"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Dispatcher:
@@ -176,6 +168,10 @@ def _handler(dispatcher: Dispatcher):
     return Handler
 
 
+class _Server(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True  # a handler thread never keeps the process alive
+
+
 def serve(address: str, doit_pid: int, path: Path) -> int:
     """Join the cluster, say READY on stdout (or one ``error:`` line), then serve until doit exits."""
     import ray
@@ -189,15 +185,14 @@ def serve(address: str, doit_pid: int, path: Path) -> int:
         print(f"error: cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}", flush=True)
         return 1
     dispatcher = Dispatcher(address)
-    socketserver.ThreadingUnixStreamServer.daemon_threads = True
-    server = socketserver.ThreadingUnixStreamServer(str(path), _handler(dispatcher))
+    server = _Server(str(path), _handler(dispatcher))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         print(READY, flush=True)
         # From here on, what this process prints goes to the log (stderr already does), not to the first
         # stage's pipe, which closes when that stage ends.
         os.dup2(2, 1)
-        while _alive(doit_pid):
+        while pid_alive(doit_pid):
             time.sleep(0.5)
     finally:
         path.unlink(missing_ok=True)

@@ -229,7 +229,8 @@ def _connect_dispatcher(cfg: PipelineConfig, paths: Paths) -> socket.socket:
     from tasks.ray_dispatcher import READY, socket_path
 
     address = cfg.executor.address
-    path = socket_path(address, os.getppid())  # doit runs this process directly: its parent is doit
+    doit_pid = os.getppid()  # doit runs this process directly: its parent is doit
+    path = socket_path(address, doit_pid)
     path.parent.mkdir(mode=0o700, exist_ok=True)
     owner = os.lstat(path.parent)  # not followed: a link to a folder of ours must not pass for it
     if not stat.S_ISDIR(owner.st_mode) or owner.st_uid != os.getuid() or owner.st_mode & 0o077:
@@ -252,7 +253,7 @@ def _connect_dispatcher(cfg: PipelineConfig, paths: Paths) -> socket.socket:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as sink:  # Ray's own warnings go to the log; stdout carries READY or one error
             proc = subprocess.Popen([sys.executable, "-m", "tasks.ray_dispatcher", "--address", address,
-                                     "--doit-pid", str(os.getppid()), "--socket", str(path)],
+                                     "--doit-pid", str(doit_pid), "--socket", str(path)],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=sink, env=env,
                                     start_new_session=True, text=True)
         limit = 60 + cfg.executor.head_timeout_s

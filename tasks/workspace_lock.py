@@ -92,12 +92,12 @@ def _running_stages(build_dir: Path) -> str:
     alive = []
     for staging in sorted((build_dir / STAGING_FOLDER).glob("*.*")):
         stage, _, pid = staging.name.rpartition(".")
-        if pid.isdigit() and _pid_alive(int(pid)):
+        if pid.isdigit() and pid_alive(int(pid)):
             alive.append(f"{stage} pid {pid}")
     return ", ".join(alive) or "pid unknown"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -64,6 +64,22 @@ def built_on(project: Path, stage: str) -> dict:
     return json.loads((project / "build/tiny/provenance" / f"{stage}.json").read_text())["node"]
 
 
+def wait_until_building(log: Path, started: float, proc: subprocess.Popen) -> None:
+    """Until the stage whose log this is has started building (its log written after ``started``)."""
+    deadline = time.time() + 300
+    while not (log.is_file() and log.stat().st_mtime > started and "building into" in log.read_text()):
+        assert proc.poll() is None and time.time() < deadline, f"{log.stem} never started"
+        time.sleep(0.2)
+
+
+def wait_until_gone(pattern: str, seconds: float, why: str) -> None:
+    """Until no process's command line matches ``pattern`` (pgrep -f), at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, why
+        time.sleep(0.5)
+
+
 class ClusterBuild:
     """One project built with executor.kind = "ray" against the module's cluster."""
 
@@ -144,11 +160,7 @@ def test_changed_dataset_rebuilds_only_its_adapter_on_the_cluster(cluster_build)
 def test_the_dispatcher_leaves_with_its_doit_run(cluster, cluster_build):
     # every doit above has returned: its dispatcher (one Ray driver per doit run) saw doit go and left,
     # removing its socket
-    deadline = time.monotonic() + 15
-    pattern = f"tasks.ray_dispatcher --address {cluster.address} "
-    while subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0:
-        assert time.monotonic() < deadline, "a Ray dispatcher outlived its doit run"
-        time.sleep(0.5)
+    wait_until_gone(f"tasks.ray_dispatcher --address {cluster.address} ", 15, "a Ray dispatcher outlived its doit run")
     from tasks.ray_dispatcher import socket_path
 
     ours = socket_path(cluster.address, 0)  # named <doit pid>-<address key>.sock
@@ -166,10 +178,7 @@ def test_node_killed_mid_finetune_fails_the_build_and_the_next_run_redoes_only_t
     proc = cluster.popen(cluster_build.command("executor.placement.finetune_support.node_b=1"), cwd=project,
                          env=cluster_build.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 300
-        while not (log.is_file() and log.stat().st_mtime > started and "building into" in log.read_text()):
-            assert proc.poll() is None and time.time() < deadline, "finetune_support never started"
-            time.sleep(0.2)
+        wait_until_building(log, started, proc)
         time.sleep(2)  # inside the training loop
         os.kill(cluster.raylet_pid("node_b"), signal.SIGKILL)
         output, _ = proc.communicate(timeout=300)
@@ -204,10 +213,7 @@ def test_a_stage_whose_worker_dies_runs_again_as_a_new_task_with_executor_retrie
     proc = cluster_build.cluster.popen(cluster_build.command("executor.retries=1"), cwd=project, env=cluster_build.env(),
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 300
-        while not (log.is_file() and log.stat().st_mtime > started and "building into" in log.read_text()):
-            assert proc.poll() is None and time.time() < deadline, "finetune_support never started"
-            time.sleep(0.2)
+        wait_until_building(log, started, proc)
         stages = subprocess.run(["pgrep", "-f", "tasks stage finetune_support"], capture_output=True, text=True)
         on_node = [int(p) for p in stages.stdout.split() if _parent(int(p)) != proc.pid]
         assert len(on_node) == 1, stages.stdout
@@ -236,29 +242,21 @@ def test_a_stage_process_killed_mid_stage_cancels_its_task_on_the_node(cluster, 
     # cancel can stop the stage on the node (a dispatcher that leaves ends its Ray job, which would too).
     shell = cluster.popen(["sh", "-c", shlex.join(stage) + "; exec sleep 600"], cwd=project, env=cluster_build.env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    dispatcher = ["pgrep", "-f", f"tasks.ray_dispatcher --address {cluster.address} --doit-pid {shell.pid} "]
+    dispatcher = f"tasks.ray_dispatcher --address {cluster.address} --doit-pid {shell.pid} "
     try:
-        deadline = time.time() + 300
-        while not (log.is_file() and log.stat().st_mtime > started and "building into" in log.read_text()):
-            assert shell.poll() is None and time.time() < deadline, "finetune_support never started"
-            time.sleep(0.2)
+        wait_until_building(log, started, shell)
         client = subprocess.run(["pgrep", "-P", str(shell.pid), "-f", "tasks stage finetune_support"],
                                 capture_output=True, text=True).stdout.split()
         assert len(client) == 1, client  # the node runs a process with the same command line
         os.kill(int(client[0]), signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while subprocess.run(["pgrep", "-f", "tasks stage finetune_support"], capture_output=True).returncode == 0:
-            assert time.monotonic() < deadline, "the stage kept running on its node after its stage process was killed"
-            time.sleep(0.5)
-        assert subprocess.run(dispatcher, capture_output=True).returncode == 0  # still serving its parent's run
+        wait_until_gone("tasks stage finetune_support", 30,
+                        "the stage kept running on its node after its stage process was killed")
+        assert subprocess.run(["pgrep", "-f", dispatcher], capture_output=True).returncode == 0  # still serving
     finally:
         os.killpg(shell.pid, signal.SIGKILL)
         shell.wait()
     assert stage_digests(project) == before
-    deadline = time.monotonic() + 15
-    while subprocess.run(dispatcher, capture_output=True).returncode == 0:  # its parent is gone: it leaves
-        assert time.monotonic() < deadline, "the dispatcher outlived the process it served"
-        time.sleep(0.5)
+    wait_until_gone(dispatcher, 15, "the dispatcher outlived the process it served")  # its parent is gone: it leaves
 
 
 @needs_namespace
@@ -318,10 +316,7 @@ def test_losing_the_head_mid_stage_stops_the_build_plainly(built_project, tmp_pa
         proc = cluster.popen(cmd, cwd=project, env={**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            deadline = time.time() + 300
-            while not (log.is_file() and log.stat().st_mtime > started and "building into" in log.read_text()):
-                assert proc.poll() is None and time.time() < deadline, "finetune never started"
-                time.sleep(0.2)
+            wait_until_building(log, started, proc)
             os.kill(cluster.gcs_pid(), signal.SIGKILL)
             killed = time.time()
             output, _ = proc.communicate(timeout=120)
