@@ -11,7 +11,9 @@ Run once per runtime, the second time with --reference on the first one's JSON t
 
 A variant is NAME=PACKAGE_DIR, or NAME=PACKAGE_DIR:adapter to activate the package's *.onnx_adapter.
 Batch 1, --prompt prompt tokens (the ids bench/decode_modes.py uses) then --new tokens, greedy; the rate
-is the best of --repeats runs after a warm-up; the tokens are those of the last run.
+is the best of --repeats runs after a warm-up; the tokens are those of the last run. An extra, untimed run
+keeps the top logits of the first --logit-steps steps, so that two runtimes' numbers can be compared with a
+tolerance up to the first token where they part (a near-tie that rounding tips either way).
 """
 
 from __future__ import annotations
@@ -34,6 +36,50 @@ def loaded_libraries() -> list[str]:
         if len(parts) == 6 and pattern.search(os.path.basename(parts[5])):
             paths.add(parts[5])
     return sorted(paths)
+
+
+TOP_K = 8
+
+
+def top_logits(folder: Path, adapter_file: Path | None, prompt: int, steps: int) -> list[dict]:
+    """Greedy decode of ``steps`` tokens after the fixed prompt, keeping at each step the TOP_K largest logits
+    of the last position (ids and values) and the gap between the first two."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt + steps, min_length=prompt + steps, do_sample=False)
+    gen = og.Generator(model, params)
+    if adapter_file is not None:
+        adapters = og.Adapters(model)
+        adapters.load(str(adapter_file), "a")
+        gen.set_active_adapter(adapters, "a")
+    gen.append_tokens(np.arange(100, 100 + prompt, dtype=np.int32)[None] % 1000 + 10)
+    kept = []
+    while not gen.is_done():
+        out = np.asarray(gen.get_output("logits"), dtype=np.float32)  # [batch, positions, vocab]
+        logits = out.reshape(-1, out.shape[-1])[-1]
+        top = np.argsort(logits)[::-1][:TOP_K]
+        kept.append({"ids": [int(i) for i in top], "values": [round(float(logits[i]), 5) for i in top],
+                     "gap_1_2": round(float(logits[top[0]] - logits[top[1]]), 5)})
+        gen.generate_next_token()
+    return kept
+
+
+def compare_logits(ours: list[dict], ref: list[dict]) -> dict:
+    """Up to the first step where the greedy tokens part (after it the two runs see different inputs): the
+    largest difference of a logit both runs kept, and the top-1 gap where they part."""
+    worst, parted = 0.0, None
+    for step, (a, b) in enumerate(zip(ours, ref)):
+        shared = set(a["ids"]) & set(b["ids"])
+        va, vb = dict(zip(a["ids"], a["values"])), dict(zip(b["ids"], b["values"]))
+        worst = max([worst, *(abs(va[i] - vb[i]) for i in shared)])
+        if a["ids"][0] != b["ids"][0]:
+            parted = {"step": step, "gap_1_2": a["gap_1_2"], "reference_gap_1_2": b["gap_1_2"]}
+            break
+    return {"steps_compared": step + 1 if ours and ref else 0, "max_abs_logit_diff": round(worst, 5),
+            "parted_at": parted}
 
 
 def decode(folder: Path, adapter_file: Path | None, prompt: int, new: int, repeats: int) -> dict:
@@ -74,6 +120,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--logit-steps", type=int, default=16, help="steps whose top logits are kept (0: none)")
     parser.add_argument("--reference", type=Path, help="an earlier run's JSON: compare the tokens with it")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -87,6 +134,11 @@ def main() -> None:
         folder, _, flag = where.partition(":")
         adapter = next(Path(folder).glob("*.onnx_adapter")) if flag == "adapter" else None
         results[name] = decode(Path(folder), adapter, args.prompt, args.new, args.repeats)
+        if args.logit_steps:
+            try:
+                results[name]["top_logits"] = top_logits(Path(folder), adapter, args.prompt, args.logit_steps)
+            except Exception as error:  # noqa: BLE001 - keep the rates of a runtime that cannot hand out logits
+                results[name]["top_logits_error"] = f"{type(error).__name__}: {error}"
         print(name, results[name]["decode_tokens_per_s"], results[name]["runs"], flush=True)
     out = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -105,6 +157,9 @@ def main() -> None:
                                        for k, v in ref["results"].items()}
         out["tokens_equal_reference"] = {k: v["tokens"] == ref["results"][k]["tokens"]
                                          for k, v in results.items() if k in ref["results"]}
+        out["logits_vs_reference"] = {k: compare_logits(v["top_logits"], ref["results"][k]["top_logits"])
+                                      for k, v in results.items()
+                                      if "top_logits" in v and "top_logits" in ref["results"].get(k, {})}
     text = json.dumps(out, indent=2)
     print(json.dumps({k: out[k] for k in out if k != "results"}, indent=2))
     if args.out:
