@@ -361,3 +361,20 @@ def test_a_dispatcher_folder_open_to_other_users_is_refused(tmp_path):
     assert result.stderr.strip() == f"error: {folder} belongs to another user or is open to others; remove it (it " \
         "only holds the Ray dispatcher's socket) and run doit again", result.stderr
     assert not list(folder.iterdir())
+
+
+@needs_namespace
+def test_a_ray_token_left_in_home_does_not_keep_a_node_out_of_the_test_cluster(tmp_path, monkeypatch):
+    # Ray 2.60's head turns token authentication on when ~/.ray/auth_token exists (an earlier local
+    # ray.init() writes one); a joining `ray start --address` does not, and was refused. The test cluster
+    # pins one auth mode for all its nodes, so such a file does not break the suite.
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray/auth_token").write_text("a" * 64)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    stray = LoopbackCluster(port=6392)
+    try:
+        stray.start_head()
+        stray.add_node("node_b")
+        assert stray.alive_nodes() == 2
+    finally:
+        stray.stop()

@@ -19,6 +19,10 @@ import time
 from pathlib import Path
 
 RAY = str(Path(sys.executable).parent / "ray")
+# Ray 2.60's `ray start --head` turns token authentication on when ~/.ray/auth_token exists (any local
+# `ray.init()` writes one), but `ray start --address` does not, so a node joining that head is refused
+# ("InvalidAuthToken"). This cluster lives in a loopback-only namespace: every node runs without it.
+AUTH_MODE = "disabled"
 
 
 def loopback_namespace_available() -> str | None:
@@ -60,7 +64,7 @@ class LoopbackCluster:
         resources = json.dumps({name: 1})
         self.run([RAY, "start", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=0",
                   f"--resources={resources}", "--disable-usage-stats", *extra],
-                 env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})})
+                 env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": AUTH_MODE, **(env or {})})
         self.nodes[name] = cpus
 
     def start_head(self, name: str = "node_a", cpus: int = 1) -> None:
