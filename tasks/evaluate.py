@@ -245,6 +245,8 @@ def render_summary(report: dict) -> str:
         lines += ["## Merging", "", "The adapter is merged into the model and quantized again (export.adapter_mode). "
                   f"Held-out loss over {m['tokens']} answer tokens, PyTorch twins: base {m['base']}, base + LoRA "
                   f"{m['unmerged']}, merged and requantized {m['merged']} ({kept} of the adapter's gain kept).", ""]
+        if m.get("warning"):
+            lines += [f"**Warning:** {m['warning']}.", ""]
     for target, quality in report["targets"].items():
         lines += [f"## {target}", ""]
         if not quality["evaluated"]:

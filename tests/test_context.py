@@ -73,9 +73,23 @@ def test_a_merged_package_is_the_plain_graph_and_reports_the_loss_with_and_witho
     merge = report["merge"]
     assert merge["unmerged"] < merge["base"] and merge["merged"] < merge["base"]  # the adapter's gain survives
     assert abs(report["targets"]["cpu"]["loss"]["with_adapter"]["loss"] - merge["merged"]) < 1e-3
+    assert "warning" not in merge and "Warning" not in (package / "report.md").read_text()  # 99% of the gain kept
     assert "merged into the weights" in (package / "README.md").read_text()
     answer = chat(project_copy, "where to go in Rome", max_new_tokens=8)
     assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr
+
+
+@pytest.mark.slow
+def test_a_merge_that_rounds_the_adapter_away_says_so_in_the_log_and_the_report(project_copy):
+    # Two optimizer steps: the LoRA lowers the held-out loss by about 0.1, and requantizing the merged weights
+    # to int4 rounds nearly all of that away (3% kept here). The package is still built; the user is told.
+    result = doit(project_copy, "export.adapter_mode=merged", "finetune.max_steps=2")
+    assert executed(result) == ["finetune", "export", "evaluate"]
+    merge = json.loads((project_copy / "build/tiny/package/report.json").read_text())["merge"]
+    assert merge["gain_kept"] is not None and merge["gain_kept"] < 0.5, merge
+    assert merge["warning"].startswith("merging kept ") and 'export.adapter_mode = "switchable"' in merge["warning"]
+    assert f"**Warning:** {merge['warning']}." in (project_copy / "build/tiny/package/report.md").read_text()
+    assert merge["warning"] in (project_copy / "build/tiny/logs/export.log").read_text()
 
 
 def test_merged_mode_with_extra_adapters_is_refused_in_one_line(tmp_path):
