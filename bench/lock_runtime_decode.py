@@ -11,8 +11,8 @@ Run once per runtime, the second time with --reference on the first one's JSON t
 
 A variant is NAME=PACKAGE_DIR, or NAME=PACKAGE_DIR:adapter to activate the package's *.onnx_adapter.
 Batch 1, --prompt prompt tokens (the ids bench/decode_modes.py uses) then --new tokens, greedy; the rate
-is the best of --repeats runs after a warm-up; the tokens are those of the last run. An extra, untimed run
-keeps the top logits of the first --logit-steps steps, so that two runtimes' numbers can be compared with a
+is the best of --repeats runs after a warm-up; the tokens are those of the last run. The untimed warm-up
+keeps the top logits of its first --logit-steps steps, so that two runtimes' numbers can be compared with a
 tolerance up to the first token where they part (a near-tie that rounding tips either way).
 """
 
@@ -41,30 +41,16 @@ def loaded_libraries() -> list[str]:
 TOP_K = 8
 
 
-def top_logits(folder: Path, adapter_file: Path | None, prompt: int, steps: int) -> list[dict]:
-    """Greedy decode of ``steps`` tokens after the fixed prompt, keeping at each step the TOP_K largest logits
-    of the last position (ids and values) and the gap between the first two."""
+def top_logits(logits, kept: list[dict]) -> None:
+    """Append the TOP_K largest logits of the last position (ids and values) and the gap between the first
+    two to ``kept``."""
     import numpy as np
-    import onnxruntime_genai as og
 
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=prompt + steps, min_length=prompt + steps, do_sample=False)
-    gen = og.Generator(model, params)
-    if adapter_file is not None:
-        adapters = og.Adapters(model)
-        adapters.load(str(adapter_file), "a")
-        gen.set_active_adapter(adapters, "a")
-    gen.append_tokens(np.arange(100, 100 + prompt, dtype=np.int32)[None] % 1000 + 10)
-    kept = []
-    while not gen.is_done():
-        out = np.asarray(gen.get_output("logits"), dtype=np.float32)  # [batch, positions, vocab]
-        logits = out.reshape(-1, out.shape[-1])[-1]
-        top = np.argsort(logits)[::-1][:TOP_K]
-        kept.append({"ids": [int(i) for i in top], "values": [round(float(logits[i]), 5) for i in top],
-                     "gap_1_2": round(float(logits[top[0]] - logits[top[1]]), 5)})
-        gen.generate_next_token()
-    return kept
+    out = np.asarray(logits, dtype=np.float32)  # [batch, positions, vocab]
+    last = out.reshape(-1, out.shape[-1])[-1]
+    top = np.argsort(last)[::-1][:TOP_K]
+    kept.append({"ids": [int(i) for i in top], "values": [round(float(last[i]), 5) for i in top],
+                 "gap_1_2": round(float(last[top[0]] - last[top[1]]), 5)})
 
 
 def compare_logits(ours: list[dict], ref: list[dict]) -> dict:
@@ -82,10 +68,13 @@ def compare_logits(ours: list[dict], ref: list[dict]) -> dict:
             "parted_at": parted}
 
 
-def decode(folder: Path, adapter_file: Path | None, prompt: int, new: int, repeats: int) -> dict:
+def decode(folder: Path, adapter_file: Path | None, prompt: int, new: int, repeats: int,
+           logit_steps: int = 0) -> dict:
     """Batch 1, ``prompt`` fixed prompt ids then ``new`` greedy tokens, ``adapter_file`` active if given; the
-    rate is the best of ``repeats`` runs after a warm-up, the tokens those of the last run. Also
-    bench/decode_modes.py's decode: it imports nothing but numpy and onnxruntime_genai."""
+    rate is the best of ``repeats`` runs after a warm-up, the tokens those of the last run. The untimed
+    warm-up also keeps the top logits of its first ``logit_steps`` steps (``top_logits``; a runtime that
+    cannot hand them out gets ``top_logits_error``). Also bench/decode_modes.py's decode: it imports nothing
+    but numpy and onnxruntime_genai."""
     import numpy as np
     import onnxruntime_genai as og
 
@@ -95,7 +84,7 @@ def decode(folder: Path, adapter_file: Path | None, prompt: int, new: int, repea
         adapters = og.Adapters(model)
         adapters.load(str(adapter_file), "a")
     ids = np.arange(100, 100 + prompt, dtype=np.int32)[None] % 1000 + 10
-    rates, tokens = [], []
+    rates, tokens, kept, logit_error = [], [], [], None
     for i in range(repeats + 1):
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=prompt + new, min_length=prompt + new, do_sample=False)
@@ -105,13 +94,23 @@ def decode(folder: Path, adapter_file: Path | None, prompt: int, new: int, repea
         gen.append_tokens(ids)
         start, n = time.perf_counter(), 0
         while not gen.is_done():
+            if not i and n < logit_steps and logit_error is None:
+                try:
+                    top_logits(gen.get_output("logits"), kept)
+                except Exception as error:  # noqa: BLE001 - keep the rates of a runtime that cannot hand out logits
+                    logit_error = f"{type(error).__name__}: {error}"
             gen.generate_next_token()
             n += 1
         if i:  # the first run warms up
             rates.append(n / (time.perf_counter() - start))
         tokens = [int(t) for t in gen.get_sequence(0)[prompt:]]
         del gen, params
-    return {"decode_tokens_per_s": round(max(rates), 1), "runs": [round(r, 1) for r in rates], "tokens": tokens}
+    result = {"decode_tokens_per_s": round(max(rates), 1), "runs": [round(r, 1) for r in rates], "tokens": tokens}
+    if logit_error:
+        result["top_logits_error"] = logit_error
+    elif logit_steps:
+        result["top_logits"] = kept
+    return result
 
 
 def main() -> None:
@@ -133,12 +132,7 @@ def main() -> None:
         name, _, where = spec.partition("=")
         folder, _, flag = where.partition(":")
         adapter = next(Path(folder).glob("*.onnx_adapter")) if flag == "adapter" else None
-        results[name] = decode(Path(folder), adapter, args.prompt, args.new, args.repeats)
-        if args.logit_steps:
-            try:
-                results[name]["top_logits"] = top_logits(Path(folder), adapter, args.prompt, args.logit_steps)
-            except Exception as error:  # noqa: BLE001 - keep the rates of a runtime that cannot hand out logits
-                results[name]["top_logits_error"] = f"{type(error).__name__}: {error}"
+        results[name] = decode(Path(folder), adapter, args.prompt, args.new, args.repeats, args.logit_steps)
         print(name, results[name]["decode_tokens_per_s"], results[name]["runs"], flush=True)
     out = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
